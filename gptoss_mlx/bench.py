@@ -8,6 +8,7 @@ and ratios are medians of per-repetition ratios.
 
 - `bytes_per_token`: bytes decode reads per token, from the folder's tensors and the KV depth;
 - `chip_bandwidth`: Apple's spec memory bandwidth by chip name;
+- `LogitAgreement`: argmax/top-5 agreement and KL between two models' logits;
 - `OurRuntime` (`gptoss_mlx.generate.stream`) and `MlxLmRuntime` (`mlx_lm.stream_generate` on the
   same folder), `run_tests`, `format_table`, `format_ratios`.
 """
@@ -79,6 +80,37 @@ def bytes_per_token(
         min(seen, cfg.sliding_window) if sliding else seen for sliding in cfg.sliding_layers
     )
     return out
+
+
+@dataclass(frozen=True)
+class LogitAgreement:
+    """How far `other`'s next-token logits are from `reference`'s at the same positions."""
+
+    argmax: float  # share of positions with the same top token
+    top5: float  # share where other's top token is among reference's top 5
+    kl: float  # mean KL(reference || other) of the softmaxes, nats
+    median_lead: float  # reference's median top-1 minus top-2 logit
+
+    @classmethod
+    def of(cls, reference: Any, other: Any) -> LogitAgreement:
+        """From two `[positions, vocab]` arrays of logits."""
+        import numpy as np
+
+        ref, oth = (np.asarray(a, dtype=np.float64).reshape(-1, a.shape[-1])
+                    for a in (reference, other))
+        top = oth.argmax(-1)
+        k = min(5, ref.shape[-1])
+        top5 = np.argpartition(ref, -k, axis=-1)[:, -k:]
+        two = np.partition(ref, -2, axis=-1)[:, -2:]
+        logp, logq = (a - np.logaddexp.reduce(a, axis=-1, keepdims=True) for a in (ref, oth))
+        return cls(argmax=float(np.mean(ref.argmax(-1) == top)),
+                   top5=float(np.mean((top5 == top[:, None]).any(-1))),
+                   kl=float(np.mean(np.sum(np.exp(logp) * (logp - logq), axis=-1))),
+                   median_lead=float(np.median(two[:, 1] - two[:, 0])))
+
+    def __str__(self) -> str:
+        return (f"argmax agreement {self.argmax:.3f}, in the top 5 {self.top5:.3f}, "
+                f"KL {self.kl:.2e} nats, median top-1 lead {self.median_lead:.2f}")
 
 
 class Runtime(Protocol):
