@@ -114,6 +114,13 @@ def test_tokenizer_comes_with_the_vocabulary(tiny_model_dir: Path) -> None:
     assert len(ids) > 0 and max(ids) < model.config.vocab_size
 
 
+def test_vocabulary_larger_than_the_embedding(small, vocab_path: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(small[1], tmp_path / "mlx")
+    shutil.copyfile(vocab_path, folder / "o200k_base.tiktoken")
+    msg = load_error(folder)
+    assert "o200k_base.tiktoken has 201088 token ids" in msg and "vocab_size is 300" in msg
+
+
 def test_import_is_lazy() -> None:
     """`import gptoss_mlx` (what `gptoss-mlx --help` pays) loads neither mlx nor the model."""
     code = "import sys, gptoss_mlx; print(sorted(m for m in sys.modules if m.startswith('mlx')))"

@@ -191,7 +191,12 @@ def _materialize(model: GptOss, progress: bool) -> None:
 def load(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn = "auto",
          progress: bool = False) -> tuple[GptOss, Any]:
     """`(model, tokenizer)` from a converted folder; the tokenizer is None without a vocabulary."""
-    from gptoss_mlx.chat.tokenizer import load_tokenizer
+    from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, load_tokenizer
 
-    model = load_model(path, dtype, experts, progress)
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is not None:  # a token id past the embedding would read outside it
+        cfg, _ = _read_config(Path(path))
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ModelLoadError(f"{path}: {VOCAB_FILENAME} has {tokenizer.vocab_size} token ids "
+                                 f"but config.json's vocab_size is {cfg.vocab_size}")
+    return load_model(path, dtype, experts, progress), tokenizer
