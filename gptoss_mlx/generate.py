@@ -22,9 +22,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.messages import Message, ToolCall
 from gptoss_mlx.chat.parser import HarmonyStreamParser, ParseEvent
-from gptoss_mlx.chat.tokenizer import CALL, Tokenizer
+from gptoss_mlx.chat.tokenizer import CALL, CHANNEL, Tokenizer
 from gptoss_mlx.model.cache import trim_to as trim_layers
 from gptoss_mlx.sampling import SamplingParams, make_sampler
 
@@ -199,6 +200,7 @@ def stream(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     progress: Progress | None = None,
     max_context: int | None = None,
+    forcing: ToolCallForcing | None = None,
 ) -> Iterator[TokenEvent | Done]:
     """Generate after `prompt` (harmony ids ending in `<|start|>assistant`), one event per token.
 
@@ -207,7 +209,8 @@ def stream(
     `<|call|>`, `<|endoftext|>`, never `<|end|>`), after `max_tokens` (None: no limit) or when
     the context is full (the model's, or `max_context` tokens if smaller). Raises
     ContextLengthError when the prompt fills the context.
-    `progress(done, total)` reports the prefill chunk by chunk.
+    `progress(done, total)` reports the prefill chunk by chunk. `forcing` writes the header of
+    every message but reasoning as a function call (tool_choice "required" or a named function).
     """
     ctx = context_limit(model, max_context)
     limited = ctx < context_length(model)
@@ -244,7 +247,13 @@ def stream(
             y = sampler(logits)
         mx.async_eval(y)
         decode_start = start
+        header: list[int] = []  # forced header tokens still to write
         while True:
+            if forcing is not None:
+                if not header and generated and generated[-1] == CHANNEL:
+                    header = forcing.header_after(generated, int(y.item()))
+                if header:  # instead of the sampled token
+                    y = mx.array([header.pop(0)], dtype=y.dtype)
             fed = len(generated) + 1 < limit
             if fed:  # queue the next step before reading this token
                 next_y = step(y)

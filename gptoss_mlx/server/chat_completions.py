@@ -17,7 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, new_id
-from gptoss_mlx.server.prompting import function_tools, render_prompt, sampling_params
+from gptoss_mlx.server.prompting import (
+    function_tools,
+    render_prompt,
+    sampling_params,
+    tool_forcing,
+)
 from gptoss_mlx.server.schemas import ChatCompletionRequest
 from gptoss_mlx.server.transport import event_stream, sse
 
@@ -63,7 +68,8 @@ async def chat_completions(
         render_prompt, engine, messages, tools=tools, effort=body.effort, param="messages"
     )
     max_tokens = body.max_completion_tokens or body.max_tokens
-    job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=max_tokens)
+    job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=max_tokens,
+                        forcing=tool_forcing(engine, tools, body.tool_choice))
     gen = Generation(job, OutputBuilder(body.stop_strings))
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:

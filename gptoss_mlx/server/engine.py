@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.harmony import HarmonyRenderer, today
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import (
@@ -52,10 +53,12 @@ class Job:
         sampling: SamplingParams,
         max_tokens: int | None,
         loop: asyncio.AbstractEventLoop,
+        forcing: ToolCallForcing | None = None,
     ):
         self.prompt = list(prompt)
         self.sampling = sampling
         self.max_tokens = max_tokens
+        self.forcing = forcing
         self.cancelled = threading.Event()
         self.cached_tokens = 0  # the prefix the prompt cache supplies (set when it starts)
         self._loop = loop
@@ -131,10 +134,12 @@ class Engine:
             self._thread = None
 
     def submit(
-        self, prompt: Sequence[int], *, sampling: SamplingParams, max_tokens: int | None
+        self, prompt: Sequence[int], *, sampling: SamplingParams, max_tokens: int | None,
+        forcing: ToolCallForcing | None = None,
     ) -> Job:
-        """Queue a generation; call from a coroutine (events go to the running loop)."""
-        job = Job(prompt, sampling, max_tokens, asyncio.get_running_loop())
+        """Queue a generation; call from a coroutine (events go to the running loop).
+        `forcing` makes the answer a function call (tool_choice "required" or named)."""
+        job = Job(prompt, sampling, max_tokens, asyncio.get_running_loop(), forcing)
         self._jobs.put(job)
         return job
 
@@ -173,6 +178,7 @@ class Engine:
                 max_tokens=job.max_tokens,
                 prefill_chunk=self.prefill_chunk,
                 max_context=self.max_context,
+                forcing=job.forcing,
             )
             active.append(_Running(job, cache, events))
         return True

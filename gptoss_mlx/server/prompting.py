@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.harmony import ChatFormatError, SystemOptions
 from gptoss_mlx.sampling import SamplingParams
 from gptoss_mlx.server.engine import Engine
@@ -27,6 +28,19 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) 
                               param="tool_choice")
         return chosen
     return found
+
+
+def tool_forcing(engine: Engine, tools: Sequence[Mapping[str, Any]],
+                 tool_choice: Any) -> ToolCallForcing | None:
+    """`tool_choice: "required"` or a named function (`tools` as `function_tools` left them) as
+    the forcing of the answer's header into a call; None for "auto" and "none"."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if not tools:
+        raise bad_request("tool_choice asks for a function call but no function tools were given",
+                          param="tool_choice")
+    names = [t.get("function", t).get("name") for t in tools]
+    return ToolCallForcing(engine.tokenizer, names[0] if len(names) == 1 else None)
 
 
 def sampling_params(req: SamplingFields) -> SamplingParams:

@@ -21,7 +21,12 @@ from starlette.concurrency import run_in_threadpool
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError, bad_request
 from gptoss_mlx.server.output import Generation, Item, OutputBuilder, OutputEvent, new_id
-from gptoss_mlx.server.prompting import function_tools, render_prompt, sampling_params
+from gptoss_mlx.server.prompting import (
+    function_tools,
+    render_prompt,
+    sampling_params,
+    tool_forcing,
+)
 from gptoss_mlx.server.schemas import ContentPart, InputItem, ResponsesRequest
 from gptoss_mlx.server.transport import event_stream, sse
 
@@ -248,7 +253,8 @@ async def responses(
     prompt = await run_in_threadpool(
         render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input"
     )
-    job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=body.max_output_tokens)
+    job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=body.max_output_tokens,
+                        forcing=tool_forcing(engine, tools, body.tool_choice))
     gen = Generation(job, OutputBuilder())
     writer = ResponseWriter(body, model_id, _echo_tools(tools))
     if body.stream:
