@@ -23,6 +23,12 @@ class RopeScaling:
     truncate: bool = False
 
 
+# Counts and sizes that must be positive.
+_SIZES = ("num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size",
+          "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads",
+          "sliding_window", "max_position_embeddings")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shapes and constants of a gpt-oss model (Hugging Face field names)."""
@@ -47,6 +53,9 @@ class ModelConfig:
     pad_token_id: int = 199999
 
     def __post_init__(self) -> None:
+        for name in _SIZES:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries, "
@@ -77,41 +86,50 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Read a Hugging Face `config.json` dict, or an `original/config.json` one."""
+        if not isinstance(d, dict):
+            raise ConfigError("config.json is not a JSON object")
         if "num_experts" in d and "num_local_experts" not in d:
             return cls._from_original(d)
         try:
-            layers = int(d["num_hidden_layers"])
+            layers = _int("num_hidden_layers", d["num_hidden_layers"])
             layer_types = d.get("layer_types") or [
                 "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
             ]
             rs = d.get("rope_scaling") or {}
+            if not isinstance(rs, dict):
+                raise ConfigError(f"rope_scaling={rs!r}: expected a JSON object")
+            if not isinstance(layer_types, list):
+                raise ConfigError(f"layer_types={layer_types!r}: expected a list")
             return cls(
                 num_hidden_layers=layers,
-                num_local_experts=int(d["num_local_experts"]),
-                num_experts_per_tok=int(d.get("num_experts_per_tok") or d["experts_per_token"]),
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                head_dim=int(d.get("head_dim", 64)),
-                num_attention_heads=int(d["num_attention_heads"]),
-                num_key_value_heads=int(d["num_key_value_heads"]),
-                sliding_window=int(d.get("sliding_window", 128)),
+                num_local_experts=_int("num_local_experts", d["num_local_experts"]),
+                num_experts_per_tok=_int("num_experts_per_tok",
+                                         d.get("num_experts_per_tok") or d["experts_per_token"]),
+                vocab_size=_int("vocab_size", d["vocab_size"]),
+                hidden_size=_int("hidden_size", d["hidden_size"]),
+                intermediate_size=_int("intermediate_size", d["intermediate_size"]),
+                head_dim=_int("head_dim", d.get("head_dim", 64)),
+                num_attention_heads=_int("num_attention_heads", d["num_attention_heads"]),
+                num_key_value_heads=_int("num_key_value_heads", d["num_key_value_heads"]),
+                sliding_window=_int("sliding_window", d.get("sliding_window", 128)),
                 layer_types=tuple(layer_types),
-                rope_theta=float(d.get("rope_theta", 150000.0)),
+                rope_theta=_float("rope_theta", d.get("rope_theta", 150000.0)),
                 rope_scaling=RopeScaling(
-                    factor=float(rs.get("factor", 32.0)),
-                    original_max_position_embeddings=int(
-                        rs.get("original_max_position_embeddings", 4096)
+                    factor=_float("rope_scaling.factor", rs.get("factor", 32.0)),
+                    original_max_position_embeddings=_int(
+                        "rope_scaling.original_max_position_embeddings",
+                        rs.get("original_max_position_embeddings", 4096),
                     ),
-                    beta_fast=float(rs.get("beta_fast", 32.0)),
-                    beta_slow=float(rs.get("beta_slow", 1.0)),
+                    beta_fast=_float("rope_scaling.beta_fast", rs.get("beta_fast", 32.0)),
+                    beta_slow=_float("rope_scaling.beta_slow", rs.get("beta_slow", 1.0)),
                     truncate=bool(rs.get("truncate", False)),
                 ),
-                swiglu_limit=float(d.get("swiglu_limit", 7.0)),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-                eos_token_id=_first(d.get("eos_token_id", 200002)),
-                pad_token_id=int(d.get("pad_token_id") or 199999),
+                swiglu_limit=_float("swiglu_limit", d.get("swiglu_limit", 7.0)),
+                rms_norm_eps=_float("rms_norm_eps", d.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=_int("max_position_embeddings",
+                                             d.get("max_position_embeddings", 131072)),
+                eos_token_id=_int("eos_token_id", _first(d.get("eos_token_id", 200002))),
+                pad_token_id=_int("pad_token_id", d.get("pad_token_id") or 199999),
             )
         except KeyError as e:
             raise ConfigError(f"config.json has no field {e.args[0]!r}") from None
@@ -126,8 +144,8 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"original config.json has no field {missing[0]!r}")
         hf = {renamed.get(k, k): v for k, v in d.items()}
-        ctx = int(d.get("initial_context_length", 4096))
-        factor = float(d.get("rope_scaling_factor", 32.0))
+        ctx = _int("initial_context_length", d.get("initial_context_length", 4096))
+        factor = _float("rope_scaling_factor", d.get("rope_scaling_factor", 32.0))
         hf["rope_scaling"] = {
             "factor": factor,
             "original_max_position_embeddings": ctx,
@@ -171,5 +189,24 @@ class ModelConfig:
         return d
 
 
-def _first(v: int | list[int]) -> int:
-    return int(v[0] if isinstance(v, list) else v)
+def _first(v: Any) -> Any:
+    """The first entry of a non-empty list (eos_token_id may list several), else `v`."""
+    return v[0] if isinstance(v, list) and v else v
+
+
+def _int(name: str, v: Any) -> int:
+    """A field's value as an integer (a float must be whole); ConfigError naming it otherwise."""
+    try:
+        out = int(v)
+        if out != v or isinstance(v, (str, bool)):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}={v!r}: expected an integer") from None
+    return out
+
+
+def _float(name: str, v: Any) -> float:
+    """A field's value as a number; ConfigError naming it otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{name}={v!r}: expected a number")
+    return float(v)

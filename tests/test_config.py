@@ -72,3 +72,31 @@ def test_missing_field_and_bad_file(tmp_path: Path) -> None:
         ModelConfig.from_file(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         ModelConfig.from_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"num_key_value_heads": 0}, "num_key_value_heads=0"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1"),
+    ({"sliding_window": -1}, "sliding_window=-1"),
+    ({"head_dim": 0}, "head_dim=0"),
+    ({"num_hidden_layers": 1.5}, "num_hidden_layers"),
+    ({"eos_token_id": []}, "eos_token_id"),
+    ({"eos_token_id": "a"}, "eos_token_id"),
+    ({"rope_scaling": "x"}, "rope_scaling"),
+    ({"rope_scaling": {"factor": None}}, "rope_scaling.factor"),
+    ({"layer_types": 5}, "layer_types"),
+    ({"vocab_size": None}, "vocab_size"),
+])
+def test_bad_values_are_named(change: dict, needle: str) -> None:
+    """A wrong type or a non-positive size is a ConfigError naming the field, not a crash."""
+    d = dict(ORIGINAL_20B, num_local_experts=32, **change)
+    d.pop("num_experts")
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        ModelConfig.from_dict(d)
+
+
+def test_not_an_object(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelConfig.from_file(tmp_path)
