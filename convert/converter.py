@@ -104,6 +104,8 @@ def convert(
                 shutil.copyfile(vocab_path, tmp / VOCAB_FILENAME)
     except SafetensorsError as e:
         raise ConvertError(str(e)) from None
+    except OSError as e:  # an unwritable DST (its parent a file, no permission, disk full, ...)
+        raise ConvertError(os_error_line(e, dst)) from None
     stats = ConvertStats(len(specs), total, _parameters(mlx_specs(cfg)),
                          time.perf_counter() - started, vocab_path)
     if progress:
@@ -214,6 +216,11 @@ def _parameters(specs: list[TensorSpec]) -> int:
         elif s.dtype != "U8":
             total += s.nbytes // 2
     return total
+
+
+def os_error_line(e: OSError, path: Path) -> str:
+    """One line for a failed file operation: the file it names (else `path`) and the reason."""
+    return f"{e.filename or path}: {e.strerror or e}"
 
 
 def _fmt(spec: TensorSpec) -> str:

@@ -184,11 +184,13 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
             continue
         try:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, lo, hi)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: corrupt header entry for {name}") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SafetensorsError(f"{path}: {name} has unsupported dtype {dtype}")
-        spec = TensorSpec(name, dtype, tuple(int(d) for d in shape))
+        spec = TensorSpec(name, dtype, shape)
         if hi - lo != spec.nbytes or lo < 0:
             raise SafetensorsError(
                 f"{path}: corrupt header entry for {name} ({hi - lo} bytes for "

@@ -12,9 +12,12 @@ from .source import ConvertError
 
 
 def check_destination(dst: Path, force: bool) -> None:
-    """Refuse an existing `dst` unless `force`."""
+    """Refuse an existing `dst` unless `force`, and a `dst` under a file."""
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists (pass --force to replace it)")
+    parent = next((p for p in dst.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConvertError(f"{dst}: cannot be created, {parent} is a file, not a folder")
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -104,6 +105,28 @@ def test_corrupt_header(small_ckpt: Path, tmp_path: Path, garbage: bytes) -> Non
     assert_refused(small_ckpt, tmp_path / "out", shard.name, "corrupt")
 
 
+def edit_header(shard: Path, tensor: str, field: str, value: object) -> None:
+    """Set one field of a tensor's entry in a safetensors header (the data stays as it is)."""
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header[tensor][field] = value
+    blob = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("shape", ["a", 64]), ("shape", [None, 64]), ("shape", [1024.5, 64]),
+    ("data_offsets", ["0", "10"]), ("dtype", ["BF16"]), ("dtype", None),
+])
+def test_malformed_header_entry(small_ckpt: Path, tmp_path: Path, field: str,
+                                value: object) -> None:
+    name = "model.embed_tokens.weight"
+    shard = small_ckpt / json.loads((small_ckpt / INDEX).read_text())["weight_map"][name]
+    edit_header(shard, name, field, value)
+    assert_refused(small_ckpt, tmp_path / "out", shard.name, name)
+
+
 def test_config_contradicting_tensors(small_ckpt: Path, tmp_path: Path) -> None:
     cfg_path = small_ckpt / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -119,6 +142,38 @@ def test_config_missing_field(small_ckpt: Path, tmp_path: Path) -> None:
     del cfg["hidden_size"]
     cfg_path.write_text(json.dumps(cfg))
     assert_refused(small_ckpt / "original", tmp_path / "out", "config.json", "hidden_size")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_key_value_heads", 0), ("rope_scaling", "yarn"), ("eos_token_id", []),
+    ("hidden_size", "64"),
+])
+def test_config_bad_value(small_ckpt: Path, tmp_path: Path, field: str, value: object) -> None:
+    cfg_path = small_ckpt / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    assert_refused(small_ckpt, tmp_path / "out", "config.json", field)
+
+
+def test_dst_parent_is_a_file(small_ckpt: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    code, out = run_convert(small_ckpt, tmp_path / "afile" / "out")
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert code != 0 and len(errors) == 1 and "afile" in errors[0], out
+    assert (tmp_path / "afile").read_text() == ""
+
+
+def test_disk_full(small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from gptoss_mlx.convert import safetensors_io
+
+    def full(out, data) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", out.name)
+
+    monkeypatch.setattr(safetensors_io, "write_all", full)
+    assert_refused(small_ckpt, tmp_path / "out", "No space left on device", ".safetensors")
 
 
 def test_original_layout_tampered(small_ckpt: Path, tmp_path: Path) -> None:

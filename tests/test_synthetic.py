@@ -113,3 +113,25 @@ def test_magnitudes_are_realistic(tiny_checkpoint: Path) -> None:
     w = convert_moe_packed_tensors(t[p + "blocks"], t[p + "scales"], dtype=torch.float32)
     fan_in = t[p + "blocks"].shape[2] * 32
     assert 0.5 < float(w.std()) * math.sqrt(fan_in) < 2.0
+
+
+def test_synthesize_unwritable_dst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DST under a file, or a write that fails (disk full): one Error line, nothing left."""
+    import errno
+
+    from gptoss_mlx.convert import safetensors_io
+
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "afile" / "ck")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "afile" in errors[0], result.output
+
+    def full(out, data) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", out.name)
+
+    monkeypatch.setattr(safetensors_io, "write_all", full)
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "No space left on device" in errors[0] and ".safetensors" in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

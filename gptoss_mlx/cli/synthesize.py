@@ -23,6 +23,7 @@ def synthesize_command(dst: Path, preset: str, layout: str, seed: int, vocab: Pa
     import time
 
     from gptoss_mlx.convert import ConvertError
+    from gptoss_mlx.convert.converter import os_error_line
     from gptoss_mlx.convert.staging import staged_folder
     from gptoss_mlx.convert.synthetic import preset_config, tiny_config, write_checkpoint
 
@@ -33,6 +34,8 @@ def synthesize_command(dst: Path, preset: str, layout: str, seed: int, vocab: Pa
             write_checkpoint(tmp, config, layout=layout, seed=seed, vocab=vocab, progress=True)
     except ConvertError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # an unwritable DST (no permission, disk full, ...)
+        raise click.ClickException(os_error_line(e, dst)) from None
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     click.echo(f"wrote {preset} checkpoint ({layout} layout, seed {seed}) to {dst}: "
                f"{size / 1e9:.3f} GB in {time.perf_counter() - started:.1f} s", err=True)
