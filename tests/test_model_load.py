@@ -126,3 +126,18 @@ def test_import_is_lazy() -> None:
     code = "import sys, gptoss_mlx; print(sorted(m for m in sys.modules if m.startswith('mlx')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("quantization,needle", [
+    ("mxfp4", "quantization"),
+    ({"group_size": 32, "bits": 4, "mode": "mxfp4",
+      "lm_head": {"group_size": 64, "bits": 8, "mode": "zzz"}}, "zzz"),
+])
+def test_bad_quantization_entry(small, tmp_path: Path, quantization, needle: str) -> None:
+    """A config.json "quantization" that is not an object, or names an unknown mode."""
+    dst = tmp_path / "m"
+    convert(small[0], dst, progress=False, dense_bits=8)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization"] = quantization
+    (dst / "config.json").write_text(json.dumps(cfg))
+    assert needle in load_error(dst)

@@ -63,7 +63,10 @@ def _quantize_as_saved(model: GptOss, weights: dict[str, mx.array], quantization
             return {"mode": "affine", **params}
         return _infer_quantization(path, module, weights, folder)
 
-    nn.quantize(model, class_predicate=predicate)
+    try:
+        nn.quantize(model, class_predicate=predicate)
+    except (ValueError, TypeError) as e:  # mlx's refusal of the recorded settings
+        raise ModelLoadError(f"{folder}/config.json: cannot quantize as recorded ({e})") from None
 
 
 def _check_tensors(model: GptOss, weights: dict[str, mx.array], folder: Path) -> None:
@@ -142,7 +145,11 @@ def load_model(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn =
     name, fn = resolve_backend(experts)
     weights = _read_weights(folder)
     model = GptOss(cfg, fn, name)
-    _quantize_as_saved(model, weights, raw.get("quantization") or {}, folder)
+    quantization = raw.get("quantization") or {}
+    if not isinstance(quantization, dict):
+        raise ModelLoadError(f"{folder}/config.json: quantization={quantization!r}: expected a "
+                             "JSON object")
+    _quantize_as_saved(model, weights, quantization, folder)
     _check_tensors(model, weights, folder)
     model.load_weights(list(weights.items()), strict=False)
     del weights  # the model holds what it needs; fusing must not keep the originals alive
