@@ -78,7 +78,7 @@ def _open(folder: Path) -> Source:
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError before it
         raise ConvertError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConvertError(f"{config_path}: expected a JSON object")
@@ -110,7 +110,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        if not all(isinstance(f, str) for f in files):
+            raise TypeError("a shard name is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ConvertError(f"{index_path}: not a safetensors index (no weight_map)") from None
     for name in files:
         if not (folder / name).is_file():

@@ -165,7 +165,7 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError before it
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_dict(d)

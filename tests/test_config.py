@@ -100,3 +100,9 @@ def test_not_an_object(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         ModelConfig.from_file(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        ModelConfig.from_file(tmp_path)

@@ -176,6 +176,17 @@ def test_disk_full(small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert_refused(small_ckpt, tmp_path / "out", "No space left on device", ".safetensors")
 
 
+@pytest.mark.parametrize("name,content,needle", [
+    ("config.json", b"\xff\xfe{", "not valid JSON"),
+    (INDEX, b"\xff\xfe{", "not a safetensors index"),
+    (INDEX, b'{"weight_map": {"model.norm.weight": 5}}', "not a safetensors index"),
+])
+def test_unreadable_json(small_ckpt: Path, tmp_path: Path, name: str, content: bytes,
+                         needle: str) -> None:
+    (small_ckpt / name).write_bytes(content)
+    assert_refused(small_ckpt, tmp_path / "out", name, needle)
+
+
 def test_original_layout_tampered(small_ckpt: Path, tmp_path: Path) -> None:
     path = small_ckpt / "original" / "model.safetensors"
     tensors = load_file(path)

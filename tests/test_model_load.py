@@ -81,6 +81,8 @@ def test_folder_without_config_or_weights(tmp_path: Path) -> None:
     assert "no model*.safetensors" in load_error(tmp_path)
     (tmp_path / "config.json").write_text("{")
     assert "not valid JSON" in load_error(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    assert "not valid JSON" in load_error(tmp_path)
 
 
 def test_bad_config_field(small, tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def _read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     except FileNotFoundError:
         raise ModelLoadError(f"{folder}: no config.json (expected a converted MLX folder)"
                              ) from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError before it
         raise ModelLoadError(f"{folder}/config.json: not valid JSON ({e})") from None
     try:
         return ModelConfig.from_dict(raw), raw
