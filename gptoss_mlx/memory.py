@@ -27,6 +27,7 @@ import click
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
 from gptoss_mlx.convert.safetensors_io import TensorSpec, read_header
+from gptoss_mlx.convert.source import ConvertError
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
@@ -288,7 +289,10 @@ def check_fits(plan: MemoryPlan, working_set: int | None = None) -> int | None:
     options.append(f"a smaller context (--max-context {ctx} fits)" if ctx else
                    "a smaller --max-context does not help (the weights alone do not fit)")
     for bits in (8, 4):
-        dense = plan.with_dense_bits(bits)
+        try:
+            dense = plan.with_dense_bits(bits)
+        except ConvertError:
+            continue  # shapes `convert --dense-bits` refuses
         if dense.weights_total >= plan.weights_total:
             continue  # already quantized
         if dense.total <= budget:

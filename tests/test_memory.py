@@ -113,6 +113,18 @@ def test_the_message_names_the_largest_context_that_fits(folder_20b: Path) -> No
     assert check_fits(want, working_set=budget) == budget
 
 
+def test_no_dense_bits_option_when_the_converter_would_refuse_it(tmp_path: Path) -> None:
+    """96 columns are not a multiple of the 64-wide groups: `convert --dense-bits` refuses such a
+    model, so the advice leaves it out (and still names the other options)."""
+    from gptoss_mlx.convert.synthetic import tiny_config
+
+    folder = write_sparse_folder(tmp_path / "m", tiny_config(vocab_size=1024, hidden_size=96))
+    plan = plan_memory(folder, 1024, fused_attention=True)
+    with pytest.raises(MemoryPlanError) as err:
+        check_fits(plan, working_set=plan.weights_total // 2)
+    assert "--dense-bits" not in str(err.value) and "wired_limit_mb" in str(err.value)
+
+
 def test_without_metal_no_limit_applies(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
