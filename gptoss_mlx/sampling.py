@@ -26,10 +26,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature must be finite and >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
             if not ok:

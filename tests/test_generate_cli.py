@@ -143,3 +143,25 @@ def test_channel_printer_routes_channels(vocab_path: Path, mode: str) -> None:
         assert err.getvalue() == ""
     else:  # StringIO is no terminal: never dimmed
         assert err.getvalue() == 'Think hard.\nChecking.\n[call functions.f] {"a": 1}\n'
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"),
+     ("--min-p", "nan"), ("--seed", "-1"), ("--seed", str(2**64))],
+)
+def test_out_of_range_sampling_option(tiny_model_dir: Path, command: str, option: str,
+                                      value: str) -> None:
+    """nan and inf pass a plain range check; MLX seeds are 0 .. 2**64-1."""
+    extra = ["-p", "x"] if command == "generate" else []
+    r = cli(command, "-m", str(tiny_model_dir), *extra, option, value, "--max-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"Invalid value for '{option}'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_seed_bounds_are_accepted(tiny_model_dir: Path) -> None:
+    for seed in ("0", str(2**64 - 1)):
+        r = cli("generate", "-m", str(tiny_model_dir), "-p", "x", "--seed", seed,
+                "--max-tokens", "2")
+        assert r.returncode == 0, r.stderr

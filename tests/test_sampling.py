@@ -82,7 +82,10 @@ def test_greedy() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1}]
+    "kwargs",
+    [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1},
+     {"temperature": float("nan")}, {"temperature": float("inf")}, {"seed": -1},
+     {"seed": 2**64}],
 )
 def test_bad_params(kwargs: dict) -> None:
     with pytest.raises(ValueError):

@@ -7,6 +7,7 @@ errors, and `ChannelPrinter`, which routes streamed channels to the terminal.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +36,19 @@ def _effort(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (nan passes every bound comparison)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        """The float, or a usage error naming the expected range."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number in the range {self._describe_range()}.",
+                      param, ctx)
+        return rv
+
+
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `generate` and `chat`: model, harmony system/developer, sampling."""
     decorators = [
@@ -50,15 +64,16 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-tokens", type=click.IntRange(min=1), default=None,
                      help="Stop after this many tokens [default: until the model stops or the "
                           "context ends]."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
+        click.option("--temperature", type=FiniteFloatRange(min=0), default=1.0,
                      help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+        click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0,
                      help="Nucleus sampling: keep the most likely tokens up to this mass."),
         click.option("--top-k", type=click.IntRange(min=0), default=0,
                      help="Keep only the k most likely tokens (0: off)."),
-        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+        click.option("--min-p", type=FiniteFloatRange(0, 1, max_open=True), default=0.0,
                      help="Drop tokens below this fraction of the top probability."),
-        click.option("--seed", type=int, default=None, help="Random seed for reproducible runs."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+                     help="Random seed for reproducible runs."),
         click.option("--show-reasoning", type=click.Choice(REASONING_MODES), default="dim",
                      help="Reasoning on stderr: hidden, dimmed on a terminal, or plain."),
         max_context_option,
