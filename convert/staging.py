@@ -45,7 +45,7 @@ def _replace(tmp: Path, dst: Path) -> None:
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     dst.rename(old)
     tmp.rename(dst)
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():  # a link goes, not the folder it points to
         shutil.rmtree(old)
     else:
         old.unlink()

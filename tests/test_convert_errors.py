@@ -221,6 +221,19 @@ def test_existing_dst_needs_force(small_ckpt: Path, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 
+def test_force_replaces_a_symlinked_dst(small_ckpt: Path, tmp_path: Path) -> None:
+    """--force on a DST that is a link to a folder replaces the link (as `mv` would) and leaves
+    the folder it pointed to alone."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("mine")
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    code, out = run_convert(small_ckpt, tmp_path / "out", "--force")
+    assert code == 0, out
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / "target" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "out", "target"]
+
+
 def test_dst_must_not_hold_the_source(small_ckpt: Path) -> None:
     code, out = run_convert(small_ckpt / "original", small_ckpt, "--force")
     assert code != 0 and "must not be or contain the source" in out
