@@ -286,8 +286,10 @@ def check_fits(plan: MemoryPlan, working_set: int | None = None) -> int | None:
         return budget
     options = []
     ctx = plan.largest_context(budget)
+    why = ("the weights alone do not fit" if plan.weights_total > budget else
+           f"not even {GROW_STEP} tokens fit beside the weights")
     options.append(f"a smaller context (--max-context {ctx} fits)" if ctx else
-                   "a smaller --max-context does not help (the weights alone do not fit)")
+                   f"a smaller --max-context does not help ({why})")
     for bits in (8, 4):
         try:
             dense = plan.with_dense_bits(bits)

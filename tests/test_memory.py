@@ -125,6 +125,18 @@ def test_no_dense_bits_option_when_the_converter_would_refuse_it(tmp_path: Path)
     assert "--dense-bits" not in str(err.value) and "wired_limit_mb" in str(err.value)
 
 
+def test_weights_that_fit_with_no_room_for_any_context(folder_20b: Path) -> None:
+    """When the weights fit but not even GROW_STEP tokens do, the message says so (it used to
+    claim the weights alone do not fit)."""
+    plan = plan_memory(folder_20b, None, fused_attention=True)
+    budget = plan.weights_total + 1000
+    assert plan.at_context(256).total > budget
+    with pytest.raises(MemoryPlanError) as err:
+        check_fits(plan, working_set=budget)
+    assert "weights alone" not in str(err.value)
+    assert "--max-context does not help" in str(err.value)
+
+
 def test_without_metal_no_limit_applies(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
