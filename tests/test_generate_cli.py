@@ -165,3 +165,36 @@ def test_seed_bounds_are_accepted(tiny_model_dir: Path) -> None:
         r = cli("generate", "-m", str(tiny_model_dir), "-p", "x", "--seed", seed,
                 "--max-tokens", "2")
         assert r.returncode == 0, r.stderr
+
+
+def cli_bytes(*args: bytes | str, stdin: bytes = b"", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptoss_mlx", *args], input=stdin,
+                          capture_output=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_prompt_that_is_not_utf8(tiny_model_dir: Path, errors: str) -> None:
+    """Latin-1 bytes from stdin, an argument or --developer: one line, no traceback."""
+    model = str(tiny_model_dir)
+    io = {"PYTHONIOENCODING": f"utf-8:{errors}"}
+    for args, stdin in [
+        (("-p", "-"), b"caf\xe9 au lait"),
+        ((b"-p", b"caf\xe9"), b""),
+        (("-p", "x", b"--developer", b"\xff"), b""),
+    ]:
+        r = cli_bytes("generate", "-m", model, "--max-tokens", "2", *args, stdin=stdin, **io)
+        err = r.stderr.decode("utf-8", "replace")
+        assert r.returncode == 1 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and "UTF-8" in err, err
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_chat_line_that_is_not_utf8(tiny_model_dir: Path, tmp_path: Path, errors: str) -> None:
+    """A bad line is refused with one line and the session goes on to the next message."""
+    r = cli_bytes("chat", "-m", str(tiny_model_dir), "--max-tokens", "2",
+                  stdin=b"caf\xe9\nhello\n", GPTOSS_MLX_HISTORY=str(tmp_path / "history"),
+                  PYTHONIOENCODING=f"utf-8:{errors}")
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert sum("UTF-8" in line for line in err.splitlines()) == 1, err
+    assert err.count("prompt: ") == 1, err  # "hello" was answered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,12 @@ from gptoss_mlx.cli.generate import (
     EFFORTS,
     ChannelPrinter,
     PrefillProgress,
+    check_instructions,
     load_model,
     model_options,
     sampling_params,
     system_options,
+    utf8_text,
 )
 
 HELP = """commands:
@@ -142,20 +145,26 @@ def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
     from gptoss_mlx.chat.session import ChatSession
 
+    check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
     session = ChatSession(model, tokenizer, instructions=opts["developer"],
                           options=system_options(opts), max_context=opts["max_context"])
     reader = LineReader(_history_file())
+    if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach utf8_text, the next line survives
+        sys.stdin.reconfigure(errors="surrogateescape")
     click.echo(f"chatting with {model_path}; /help for commands, Ctrl-D to leave", err=True)
     try:
         while True:
             try:
-                text = reader.read()
+                text = utf8_text(reader.read(), "that message")
             except EOFError:
                 click.echo(err=True)
                 break
             except KeyboardInterrupt:
                 click.echo(err=True)
+                continue
+            except click.ClickException as e:
+                click.echo(f"error: {e.message}", err=True)
                 continue
             if text.startswith("/"):
                 if not _command(session, text):

@@ -83,6 +83,39 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; else one clear error (bytes that were not UTF-8 arrive
+    as lone surrogates under Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise click.ClickException(
+            f"{what} is not valid UTF-8 ({byte} at character {e.start}); expected UTF-8 text"
+        ) from None
+    return text
+
+
+def read_stdin(what: str) -> str:
+    """All of stdin as text; one clear error when it is not UTF-8."""
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(
+            f"{what} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start}); "
+            "expected UTF-8 text"
+        ) from None
+    return utf8_text(text, what)
+
+
+def check_instructions(opts: dict[str, Any]) -> None:
+    """Fail with one line when --system or --developer is not UTF-8."""
+    for name in ("system", "developer"):
+        if opts[name] is not None:
+            utf8_text(opts[name], f"--{name}")
+
+
 def sampling_params(opts: dict[str, Any]) -> SamplingParams:
     """SamplingParams from the parsed command-line options."""
     from gptoss_mlx.sampling import SamplingParams
@@ -215,8 +248,8 @@ def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
     from gptoss_mlx.chat.messages import Message
     from gptoss_mlx.generate import ContextLengthError, Done, stream
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = read_stdin("the prompt on stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
+    check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
     ids = HarmonyRenderer(tokenizer).render_prompt(
         [Message("user", prompt)], instructions=opts["developer"], options=system_options(opts)
