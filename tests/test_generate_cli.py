@@ -198,3 +198,20 @@ def test_chat_line_that_is_not_utf8(tiny_model_dir: Path, tmp_path: Path, errors
     assert r.returncode == 0 and "Traceback" not in err, err
     assert sum("UTF-8" in line for line in err.splitlines()) == 1, err
     assert err.count("prompt: ") == 1, err  # "hello" was answered
+
+
+def test_ctrl_c_exits_130_without_traceback(tiny_model_dir: Path) -> None:
+    """As a shell reports a command killed by SIGINT: status 128 + 2, nothing but a newline."""
+    import signal
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_mlx", "generate", "-m", str(tiny_model_dir), "-p", "Hi",
+         "--max-tokens", "100000", "--seed", "0", "--raw"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert p.stdout is not None
+    p.stdout.read(1)  # generation has started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.decode().strip() == ""

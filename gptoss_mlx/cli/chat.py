@@ -14,6 +14,7 @@ from gptoss_mlx.cli.generate import (
     ChannelPrinter,
     PrefillProgress,
     check_instructions,
+    interruptible,
     load_model,
     model_options,
     sampling_params,
@@ -141,6 +142,7 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
 
 @click.command("chat")
 @model_options
+@interruptible
 def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
     from gptoss_mlx.chat.session import ChatSession

@@ -6,6 +6,7 @@ errors, and `ChannelPrinter`, which routes streamed channels to the terminal.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,6 +48,20 @@ class FiniteFloatRange(click.FloatRange):
             self.fail(f"{rv} is not a finite number in the range {self._describe_range()}.",
                       param, ctx)
         return rv
+
+
+def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Ctrl-C ends the command with status 130 (128 + SIGINT), not click's "Aborted!" and 1."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            sys.exit(130)
+
+    return wrapper
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -241,6 +256,7 @@ class ChannelPrinter:
 @click.option("--raw", is_flag=True, help="Print the generated harmony text, markup included.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print channels, tool calls and stats as one JSON object.")
+@interruptible
 def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
                      **opts: Any) -> None:
     """Answer one prompt with a gpt-oss model."""
