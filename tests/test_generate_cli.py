@@ -215,3 +215,13 @@ def test_ctrl_c_exits_130_without_traceback(tiny_model_dir: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert err.decode().strip() == ""
+
+
+def test_piped_chat_keeps_prompts_off_stdout(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`printf 'q1\\nq2\\n' | chat > answers`: stdout holds the answers only, one per line."""
+    r = cli("chat", "-m", str(tiny_model_dir), "--max-tokens", "3", "--temperature", "0",
+            stdin="Hello\nfirst\\\nsecond\n", GPTOSS_MLX_HISTORY=str(tmp_path / "history"))
+    assert r.returncode == 0, r.stderr
+    assert not any(line.startswith((">>> ", "... ")) for line in r.stdout.splitlines()), r.stdout
+    assert len(r.stdout.splitlines()) == 2, r.stdout
+    assert r.stderr.count("prompt: ") == 2

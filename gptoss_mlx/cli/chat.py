@@ -51,18 +51,28 @@ class LineReader:
 
     def read(self) -> str:
         """The next message; raises EOFError on Ctrl-D and KeyboardInterrupt on Ctrl-C."""
-        line = input(">>> ")
+        line = self._input(">>> ")
         if line.strip() == '"""':
             lines = []
-            while (line := input("... ")).strip() != '"""':
+            while (line := self._input("... ")).strip() != '"""':
                 lines.append(line)
             return "\n".join(lines)
         lines = []
         while line.endswith("\\"):
             lines.append(line[:-1])
-            line = input("... ")
+            line = self._input("... ")
         lines.append(line)
         return "\n".join(lines)
+
+    @staticmethod
+    def _input(prompt: str) -> str:
+        """input() with readline on a terminal; otherwise the prompt goes to stderr (as Python's
+        REPL does) so that stdout holds only the answers."""
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            return input(prompt)
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        return input()
 
     def save(self) -> None:
         """Write the history file (best effort)."""
