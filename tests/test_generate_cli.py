@@ -225,3 +225,11 @@ def test_piped_chat_keeps_prompts_off_stdout(tiny_model_dir: Path, tmp_path: Pat
     assert not any(line.startswith((">>> ", "... ")) for line in r.stdout.splitlines()), r.stdout
     assert len(r.stdout.splitlines()) == 2, r.stdout
     assert r.stderr.count("prompt: ") == 2
+
+
+def test_raw_and_json_are_exclusive(tiny_model_dir: Path) -> None:
+    """Both would print on stdout, so `--json | jq` would get harmony text before the object."""
+    r = cli("generate", "-m", str(tiny_model_dir), "-p", "x", "--raw", "--json",
+            "--max-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert "--raw" in r.stderr.splitlines()[-1] and "--json" in r.stderr.splitlines()[-1]

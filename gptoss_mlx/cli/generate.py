@@ -260,6 +260,8 @@ class ChannelPrinter:
 def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
                      **opts: Any) -> None:
     """Answer one prompt with a gpt-oss model."""
+    if raw and as_json:
+        raise click.UsageError("--raw and --json both print on stdout; choose one")
     from gptoss_mlx.chat.harmony import HarmonyRenderer
     from gptoss_mlx.chat.messages import Message
     from gptoss_mlx.generate import ContextLengthError, Done, stream
