@@ -81,6 +81,13 @@ def test_missing_model_folder(tmp_path: Path) -> None:
     one_error_line(cli("generate", "-m", str(missing), "-p", "x"), str(missing), "does not exist")
 
 
+def test_model_path_is_a_file(tiny_model_dir: Path) -> None:
+    config = tiny_model_dir / "config.json"
+    r = cli("generate", "-m", str(config), "-p", "x")
+    one_error_line(r, str(config), "is not a folder")
+    assert "does not exist" not in r.stderr
+
+
 def test_folder_without_vocabulary(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = copy_model(tiny_model_dir, tmp_path / "novocab", vocab=False)
     one_error_line(cli("generate", "-m", str(folder), "-p", "x"), str(folder), VOCAB_FILENAME)

@@ -154,6 +154,8 @@ def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, To
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
 
     path = Path(model_path)
+    if path.exists() and not path.is_dir():
+        raise click.ClickException(f"{path} is not a folder; expected a converted model folder")
     if not path.is_dir():
         raise click.ClickException(f"model folder {path} does not exist")
     if not (path / "config.json").is_file():
