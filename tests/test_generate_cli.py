@@ -240,3 +240,12 @@ def test_raw_and_json_are_exclusive(tiny_model_dir: Path) -> None:
             "--max-tokens", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert "--raw" in r.stderr.splitlines()[-1] and "--json" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("args", "stdin"), [(("-p", ""), None), (("-p", "-"), ""),
+                                             (("-p", "-"), " \n\n")])
+def test_empty_prompt(tiny_model_dir: Path, args: tuple[str, ...], stdin: str | None) -> None:
+    """`-p "$(cat missing)"` or an empty pipe must not silently answer an empty message."""
+    r = cli("generate", "-m", str(tiny_model_dir), *args, "--max-tokens", "2", stdin=stdin)
+    one_error_line(r, "prompt is empty")
+    assert r.stdout == ""

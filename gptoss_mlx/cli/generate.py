@@ -269,6 +269,8 @@ def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
     from gptoss_mlx.generate import ContextLengthError, Done, stream
 
     prompt = read_stdin("the prompt on stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
+    if not prompt.strip():
+        raise click.ClickException("the prompt is empty; expected some text to answer")
     check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
     ids = HarmonyRenderer(tokenizer).render_prompt(
