@@ -249,3 +249,16 @@ def test_empty_prompt(tiny_model_dir: Path, args: tuple[str, ...], stdin: str | 
     r = cli("generate", "-m", str(tiny_model_dir), *args, "--max-tokens", "2", stdin=stdin)
     one_error_line(r, "prompt is empty")
     assert r.stdout == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_is_one_error_line(tiny_model_dir: Path) -> None:
+    """`generate > file` on a full disk: the write error, not a traceback."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [sys.executable, "-m", "gptoss_mlx", "generate", "-m", str(tiny_model_dir), "-p", "Hi",
+             "--max-tokens", "4", "--seed", "0"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "No space left" in r.stderr, r.stderr

@@ -6,6 +6,7 @@ errors, and `ChannelPrinter`, which routes streamed channels to the terminal.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -51,7 +52,8 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Ctrl-C ends the command with status 130 (128 + SIGINT), not click's "Aborted!" and 1."""
+    """Ctrl-C ends the command with status 130 (128 + SIGINT), not click's "Aborted!" and 1;
+    an output error (a full disk) is one line (click itself handles a broken pipe)."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -60,6 +62,10 @@ def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo(err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            raise click.ClickException(f"cannot write the output: {e.strerror or e}") from None
 
     return wrapper
 
