@@ -63,7 +63,7 @@ def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(err=True)
             sys.exit(130)
         except OSError as e:
-            if e.errno == errno.EPIPE:
+            if e.errno == errno.EPIPE or e.filename is not None:  # only stream writes here
                 raise
             raise click.ClickException(f"cannot write the output: {e.strerror or e}") from None
 
