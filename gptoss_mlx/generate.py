@@ -113,11 +113,13 @@ class GenerationStats:
     def summary(self) -> str:
         """One line for stderr."""
         cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        # decode speed is over the tokens after the first, which prefill's time covers
+        decode = f" at {self.decode_tps:.1f} tok/s" if self.generated_tokens > 1 else ""
         return (
             f"prompt: {self.prompt_tokens} tokens{cached}, "
             f"time to first token: {self.time_to_first_token:.3f} s, "
             f"prefill: {self.prefill_tps:.1f} tok/s, "
-            f"decode: {self.generated_tokens} tokens at {self.decode_tps:.1f} tok/s, "
+            f"decode: {self.generated_tokens} tokens{decode}, "
             f"peak memory: {self.peak_memory / 1e9:.3f} GB"
         )
 

@@ -60,9 +60,9 @@ def tensor_part(name: str) -> str:
 
 def folder_specs(model_dir: str | Path) -> list[TensorSpec]:
     """Every tensor of a model folder, from its safetensors headers alone."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    files = sorted(Path(model_dir).glob("model*.safetensors"))  # what the loader reads
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+        raise FileNotFoundError(f"{model_dir}: no model*.safetensors files")
     return [t.spec for f in files for t in read_header(f).values()]
 
 

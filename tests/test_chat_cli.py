@@ -12,7 +12,7 @@ pexpect = pytest.importorskip("pexpect")
 
 PROMPT = ">>> "
 STATS = re.compile(r"prompt: (\d+) tokens(?: \((\d+) cached\))?, time to first token: .*"
-                   r"decode: \d+ tokens at .* peak memory: ")
+                   r"decode: \d+ tokens(?: at [\d.]+ tok/s)?, peak memory: ")
 
 
 def spawn(model: Path, tmp_path: Path, *args: str) -> pexpect.spawn:

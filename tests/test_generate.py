@@ -203,8 +203,11 @@ def test_stats(loaded) -> None:
     assert s.time_to_first_token > 0 and s.prefill_tps > 0 and s.decode_tps > 0
     assert s.peak_memory > 0
     line = s.summary()
-    for part in ("prompt:", "time to first token", "prefill:", "decode:", "peak memory"):
+    for part in ("prompt:", "time to first token", "prefill:", "decode: 4 tokens at ",
+                 "peak memory"):
         assert part in line
+    one = dataclasses.replace(s, generated_tokens=1, decode_tps=0.0).summary()
+    assert "decode: 1 tokens, peak memory" in one  # no speed from a single token
 
 
 class NoSlackModel(ScriptedModel):
