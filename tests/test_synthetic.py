@@ -135,3 +135,13 @@ def test_synthesize_unwritable_dst(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "No space left on device" in errors[0] and ".safetensors" in errors[0], errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_synthesize_refuses_a_vocabulary_that_is_not_o200k(tmp_path: Path) -> None:
+    fake = tmp_path / "o200k_base.tiktoken"
+    fake.write_text("aGVsbG8= 0\n")
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck"), "--vocab", str(fake)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "not the o200k_base vocabulary" in errors[0] and str(fake) in errors[0]
+    assert not (tmp_path / "ck").exists()

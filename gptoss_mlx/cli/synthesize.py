@@ -26,10 +26,13 @@ def synthesize_command(dst: Path, preset: str, layout: str, seed: int, vocab: Pa
     from gptoss_mlx.convert.converter import os_error_line
     from gptoss_mlx.convert.staging import staged_folder
     from gptoss_mlx.convert.synthetic import preset_config, tiny_config, write_checkpoint
+    from gptoss_mlx.convert.vocab import find_vocab
 
     config = tiny_config() if preset == "tiny" else preset_config(preset)
     started = time.perf_counter()
     try:
+        if vocab is not None:
+            find_vocab([], vocab)  # the same sha256 check as convert's --vocab
         with staged_folder(dst, force) as tmp:
             write_checkpoint(tmp, config, layout=layout, seed=seed, vocab=vocab, progress=True)
     except ConvertError as e:
