@@ -101,6 +101,19 @@ def test_unknown_effort(tiny_model_dir: Path, command: str) -> None:
     one_error_line(r, "extreme", "low, medium, high")
 
 
+@pytest.mark.parametrize(("given", "effort"), [("HIGH", "high"), ("minimal", "low")])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_effort_names_as_the_server_takes_them(tiny_model_dir: Path, command: str, given: str,
+                                               effort: str) -> None:
+    """Any case, and OpenAI's none/minimal (low), as the server's reasoning_effort."""
+    from gptoss_mlx.cli import main
+
+    extra = ["-p", "x"] if command == "generate" else []
+    ctx = main.commands[command].make_context(
+        command, ["-m", str(tiny_model_dir), *extra, "--reasoning-effort", given])
+    assert ctx.params["reasoning_effort"] == effort
+
+
 def test_prompt_longer_than_context(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = copy_model(tiny_model_dir, tmp_path / "short", config={"max_position_embeddings": 64})
     r = cli("generate", "-m", str(folder), "-p", "word " * 100)

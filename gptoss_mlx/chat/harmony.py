@@ -24,6 +24,9 @@ from gptoss_mlx.chat.messages import FUNCTIONS_NAMESPACE, ROLES, Message
 from gptoss_mlx.chat.tokenizer import START, Tokenizer
 
 REASONING_EFFORTS = ("low", "medium", "high")
+# OpenAI's effort names, as gpt-oss's: `none` and `minimal` become low
+REASONING_EFFORT_ALIASES = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
+                            "high": "high"}
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 KNOWLEDGE_CUTOFF = "2024-06"
 JSON_CONTENT_TYPE = "<|constrain|>json"
@@ -32,6 +35,16 @@ JSON_CONTENT_TYPE = "<|constrain|>json"
 def today() -> str:
     """Today's date as harmony writes it (YYYY-MM-DD)."""
     return datetime.date.today().isoformat()
+
+
+def normalize_effort(value: str) -> str:
+    """gpt-oss's reasoning effort for a name in any case (OpenAI's names accepted); ValueError
+    naming the choices otherwise."""
+    effort = REASONING_EFFORT_ALIASES.get(value.strip().lower())
+    if effort is None:
+        raise ValueError(f"unknown reasoning effort {value!r}; expected one of "
+                         f"{', '.join(REASONING_EFFORT_ALIASES)}")
+    return effort
 
 
 @dataclass(frozen=True)

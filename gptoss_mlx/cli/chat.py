@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from gptoss_mlx.cli.generate import (
-    EFFORTS,
     ChannelPrinter,
     PrefillProgress,
     check_instructions,
@@ -92,7 +91,7 @@ def _history_file() -> Path:
 
 def _command(session: Any, line: str) -> bool:
     """Run a /command; return False to leave the chat."""
-    from gptoss_mlx.chat.harmony import DEFAULT_IDENTITY
+    from gptoss_mlx.chat.harmony import DEFAULT_IDENTITY, normalize_effort
 
     name, _, arg = line.strip().partition(" ")
     arg = arg.strip()
@@ -101,11 +100,14 @@ def _command(session: Any, line: str) -> bool:
     if name == "/effort":
         if not arg:
             click.echo(f"reasoning effort: {session.options.reasoning_effort}", err=True)
-        elif arg not in EFFORTS:
-            click.echo(f"unknown effort {arg!r}; expected one of {', '.join(EFFORTS)}", err=True)
         else:
-            session.set_options(reasoning_effort=arg)
-            click.echo(f"reasoning effort: {arg}", err=True)
+            try:
+                effort = normalize_effort(arg)
+            except ValueError as e:
+                click.echo(str(e), err=True)
+            else:
+                session.set_options(reasoning_effort=effort)
+                click.echo(f"reasoning effort: {effort}", err=True)
     elif name == "/system":
         session.set_options(model_identity=arg or DEFAULT_IDENTITY)
         click.echo("system identity updated", err=True)

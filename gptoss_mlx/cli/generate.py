@@ -25,17 +25,17 @@ if TYPE_CHECKING:
     from gptoss_mlx.chat.tokenizer import Tokenizer
     from gptoss_mlx.sampling import SamplingParams
 
-EFFORTS = ("low", "medium", "high")
 REASONING_MODES = ("hidden", "dim", "full")
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def _effort(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value not in EFFORTS:
-        raise click.ClickException(
-            f"unknown reasoning effort {value!r}; expected one of {', '.join(EFFORTS)}"
-        )
-    return value
+    from gptoss_mlx.chat.harmony import normalize_effort
+
+    try:
+        return normalize_effort(value)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -11,30 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-REASONING_EFFORT_ALIASES = {
-    "none": "low",
-    "minimal": "low",
-    "low": "low",
-    "medium": "medium",
-    "high": "high",
-}
+from gptoss_mlx.chat.harmony import normalize_effort
 
 
-def normalize_effort(value: str | None) -> str | None:
-    """gpt-oss's effort (low/medium/high) for an OpenAI one; `none`/`minimal` become low."""
-    if value is None:
-        return None
-    effort = REASONING_EFFORT_ALIASES.get(value.strip().lower())
-    if effort is None:
-        raise ValueError(
-            f"unknown reasoning effort {value!r}; expected one of "
-            f"{', '.join(REASONING_EFFORT_ALIASES)}"
-        )
-    return effort
+def _effort(value: str | None) -> str | None:
+    return None if value is None else normalize_effort(value)
 
 
 # An optional reasoning effort, normalised (and checked) by `normalize_effort`.
-Effort = Annotated[str | None, AfterValidator(normalize_effort)]
+Effort = Annotated[str | None, AfterValidator(_effort)]
 
 
 class _Lenient(BaseModel):
