@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,8 +40,16 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax."""
-        return self.temperature == 0 or self.top_k == 1
+        """True when sampling reduces to argmax (also for a temperature so small that float32
+        cannot hold its inverse: argmax is the limit)."""
+        return self.temperature * FLOAT32_MAX < 1 or self.top_k == 1
+
+
+def scaled_logits(logits: mx.array, inv_temp: float) -> mx.array:
+    """float32 `logits / temperature`, the top logit subtracted first (softmax is unchanged): a
+    small temperature then sends the others to -inf instead of the top to +inf."""
+    x = logits.astype(mx.float32)
+    return (x - mx.max(x, axis=-1, keepdims=True)) * inv_temp
 
 
 def filtered_logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -47,7 +57,7 @@ def filtered_logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
 
     `logits` is [B, V]; removed tokens get -inf; the rest are renormalised. Needs temperature > 0.
     """
-    x = logits.astype(mx.float32) / params.temperature
+    x = scaled_logits(logits, 1.0 / params.temperature)
     vocab = x.shape[-1]
     if 0 < params.top_k < vocab:
         kth = mx.partition(x, vocab - params.top_k, axis=-1)[:, vocab - params.top_k][:, None]
@@ -86,7 +96,7 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         if filtered:
             logprobs = filtered_logprobs(logits, params)
         else:  # categorical normalises by itself
-            logprobs = logits.astype(mx.float32) * inv_temp
+            logprobs = scaled_logits(logits, inv_temp)
         if key is None:
             return mx.random.categorical(logprobs, axis=-1)
         key, sub = mx.random.split(key)

@@ -81,6 +81,14 @@ def test_greedy() -> None:
     assert make_sampler(SamplingParams(top_k=1, seed=0))(logits).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45])
+def test_tiny_temperature_tends_to_greedy(temperature: float) -> None:
+    """logits / 1e-45 overflows float32: the limit, argmax, is what must come out."""
+    logits = np.random.default_rng(2).normal(0, 3, size=(4, 1000)).astype(np.float32)
+    sample = make_sampler(SamplingParams(temperature=temperature, seed=0))
+    assert sample(mx.array(logits)).tolist() == logits.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1},
