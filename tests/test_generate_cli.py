@@ -120,6 +120,11 @@ def test_prompt_longer_than_context(tiny_model_dir: Path, tmp_path: Path) -> Non
     one_error_line(r, "tokens but the model's context holds 64")
     r = cli("generate", "-m", str(tiny_model_dir), "-p", "word " * 100, "--max-context", "40")
     one_error_line(r, "tokens but the context is limited to 40")
+    r = cli("chat", "-m", str(tiny_model_dir), "--max-context", "40", stdin="Hi\n")
+    one_error_line(r, "the system and developer messages alone take", "of the 40-token context")
+    r = cli("chat", "-m", str(tiny_model_dir), "--max-context", "120", stdin="word " * 100 + "\n")
+    assert r.returncode == 0 and "tokens but the context is limited to 120" in r.stderr
+    assert "/clear" not in r.stderr  # with no history, clearing would not help
 
 
 def test_max_context_ends_the_answer(tiny_model_dir: Path) -> None:

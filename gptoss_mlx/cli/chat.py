@@ -145,7 +145,8 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
         return
     except ContextLengthError as e:
         printer.close()
-        click.echo(f"error: {e}; /clear starts over", err=True)
+        hint = "; /clear starts over" if session.messages else ""  # the turn itself is gone
+        click.echo(f"error: {e}{hint}", err=True)
         return
     printer.close()
     if done is not None:
@@ -158,11 +159,17 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
 def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
     from gptoss_mlx.chat.session import ChatSession
+    from gptoss_mlx.generate import context_limit
 
     check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
     session = ChatSession(model, tokenizer, instructions=opts["developer"],
                           options=system_options(opts), max_context=opts["max_context"])
+    header, limit = len(session.prompt()), context_limit(model, opts["max_context"])
+    if header >= limit:
+        raise click.ClickException(
+            f"the system and developer messages alone take {header} tokens of the "
+            f"{limit}-token context; raise --max-context or shorten --developer")
     reader = LineReader(_history_file())
     if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach utf8_text, the next line survives
         sys.stdin.reconfigure(errors="surrogateescape")
