@@ -114,6 +114,20 @@ def test_effort_names_as_the_server_takes_them(tiny_model_dir: Path, command: st
     assert ctx.params["reasoning_effort"] == effort
 
 
+def test_closed_pipe_exits_as_sigpipe_would(tiny_model_dir: Path) -> None:
+    """`generate ... | head -c 5`: status 141 (128 + SIGPIPE) for `set -o pipefail`, no noise."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_mlx", "generate", "-m", str(tiny_model_dir), "-p", "Hi",
+         "--max-tokens", "300", "--temperature", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(5)) == 5
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Error" not in stderr
+
+
 def test_prompt_longer_than_context(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = copy_model(tiny_model_dir, tmp_path / "short", config={"max_position_embeddings": 64})
     r = cli("generate", "-m", str(folder), "-p", "word " * 100)

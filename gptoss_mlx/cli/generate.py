@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +53,9 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Ctrl-C ends the command with status 130 (128 + SIGINT), not click's "Aborted!" and 1;
-    an output error (a full disk) is one line (click itself handles a broken pipe)."""
+    """Ctrl-C ends the command with status 130 (128 + SIGINT), not click's "Aborted!" and 1; a
+    closed pipe with 141 (128 + SIGPIPE), as `head` expects; an output error (a full disk) is one
+    line."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -63,7 +65,10 @@ def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(err=True)
             sys.exit(130)
         except OSError as e:
-            if e.errno == errno.EPIPE or e.filename is not None:  # only stream writes here
+            if e.errno == errno.EPIPE:  # the reader left (`| head`): end as SIGPIPE would
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
+                sys.exit(128 + signal.SIGPIPE)
+            if e.filename is not None:  # only stream writes here
                 raise
             raise click.ClickException(f"cannot write the output: {e.strerror or e}") from None
 
