@@ -27,6 +27,7 @@ import numpy as np
 
 from gptoss_mlx import load
 from gptoss_mlx.bench import LogitAgreement, OurRuntime, Test, bytes_per_token, measure
+from gptoss_mlx.chat.tokenizer import load_tokenizer
 from gptoss_mlx.convert import convert
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
 from gptoss_mlx.convert.trained import SuccessorLanguage, train_dense
@@ -49,7 +50,7 @@ def tiny_trained(workdir: Path) -> tuple[Path, mx.array]:
 
 
 def text_tokens(folder: Path, text: Path, n: int) -> mx.array:
-    _, tokenizer = load(folder, experts="mlx")
+    tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise SystemExit(f"Error: {folder} has no vocabulary: convert with --vocab PATH")
     ids = tokenizer.encode(text.read_text())[:n]

@@ -191,7 +191,7 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SafetensorsError(f"{path}: {name} has unsupported dtype {dtype}")
         spec = TensorSpec(name, dtype, shape)
-        if hi - lo != spec.nbytes or lo < 0:
+        if hi - lo != spec.nbytes:
             raise SafetensorsError(
                 f"{path}: corrupt header entry for {name} ({hi - lo} bytes for "
                 f"{dtype}{list(shape)}, expected {spec.nbytes})"

@@ -24,7 +24,6 @@ class ToolCallForcing:
             text += f".{function} <|constrain|>json<|message|>"
         self.header = tokenizer.encode(text, allow_special=True)
         (self.analysis,) = tokenizer.encode("analysis")
-        self.function = function
         self._tokenizer = tokenizer
 
     def header_after(self, generated: Sequence[int], proposed: int) -> list[int]:

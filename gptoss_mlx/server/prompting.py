@@ -14,6 +14,11 @@ from gptoss_mlx.server.errors import bad_request, context_length_exceeded
 from gptoss_mlx.server.schemas import NamedToolChoice, SamplingFields
 
 
+def _tool_name(tool: Mapping[str, Any]) -> Any:
+    """A function tool's name, in chat's (`{"function": {"name"}}`) or Responses' shape."""
+    return tool.get("function", tool).get("name")
+
+
 def function_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) -> list[dict]:
     """The function tools the model sees: other tool types are ignored; `tool_choice: none`
     hides all tools and a named choice keeps only that function."""
@@ -22,7 +27,7 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) 
         return []
     if isinstance(tool_choice, NamedToolChoice) and tool_choice.function_name:
         name = tool_choice.function_name
-        chosen = [t for t in found if t.get("function", t).get("name") == name]
+        chosen = [t for t in found if _tool_name(t) == name]
         if not chosen:
             raise bad_request(f"tool_choice names {name!r}, which is not among the tools",
                               param="tool_choice")
@@ -39,8 +44,7 @@ def tool_forcing(engine: Engine, tools: Sequence[Mapping[str, Any]],
     if not tools:
         raise bad_request("tool_choice asks for a function call but no function tools were given",
                           param="tool_choice")
-    names = [t.get("function", t).get("name") for t in tools]
-    return ToolCallForcing(engine.tokenizer, names[0] if len(names) == 1 else None)
+    return ToolCallForcing(engine.tokenizer, _tool_name(tools[0]) if len(tools) == 1 else None)
 
 
 def sampling_params(req: SamplingFields) -> SamplingParams:
