@@ -1,0 +1,175 @@
+"""Real clients against `serve`'s app over loopback: the official client's stream helpers,
+openai-agents, Codex CLI and aider. The model is the scripted double (tests/scripted_model.py),
+so every tool round trip is exact; each exchange the clients saw is validated against the
+`openai` SDK's types afterwards (`LoopbackServer.check`).
+
+Codex CLI and aider are installed by `.ci/clients.sh` into `$GPTOSS_CLIENTS` (default
+`.ci/clients/`); see `clients.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clients import client
+from loopback import Exchange, LoopbackServer, sse
+from scripted_model import Turn, call, final
+
+WEATHER_FN = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False},
+}
+ANSWER = "It is sunny in Paris, 21 degrees."
+WEATHER_TURNS = [
+    Turn("functions.get_weather to=assistant", final(ANSWER, reasoning="The tool answered.")),
+    Turn("weather", call("get_weather", {"city": "Paris"}, reasoning="I should call the tool.")),
+]
+QUESTION = "What is the weather in Paris?"
+TOOL_RESULT = '{"temp_c": 21, "sky": "sunny"}'
+
+
+@pytest.fixture
+def weather(scripted_server: LoopbackServer) -> LoopbackServer:
+    scripted_server.model.script(WEATHER_TURNS)
+    scripted_server.exchanges.clear()
+    return scripted_server
+
+
+# -- the official client's stream helpers ----------------------------------------------------
+
+def test_chat_completions_stream_helper_tool_round_trip(weather: LoopbackServer) -> None:
+    client = weather.client()
+    messages: list[dict[str, Any]] = [{"role": "user", "content": QUESTION}]
+    tools = [{"type": "function", "function": WEATHER_FN}]
+    with client.chat.completions.stream(model=weather.model_id, messages=messages,
+                                        tools=tools) as stream:
+        kinds = [event.type for event in stream]
+        first = stream.get_final_completion()
+    assert "tool_calls.function.arguments.done" in kinds
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": tool_call.id, "content": TOOL_RESULT}]
+    with client.chat.completions.stream(model=weather.model_id, messages=messages,
+                                        tools=tools) as stream:
+        text = "".join(e.delta for e in stream if e.type == "content.delta")
+        second = stream.get_final_completion()
+    assert second.choices[0].finish_reason == "stop"
+    assert text == second.choices[0].message.content == ANSWER
+    assert len(weather.model.seen) == 2 and "sunny" in weather.model.seen[1]
+    assert weather.check() > 10
+
+
+def test_responses_stream_helper_tool_round_trip(weather: LoopbackServer) -> None:
+    client = weather.client()
+    tools = [{"type": "function", **WEATHER_FN}]
+    with client.responses.stream(model=weather.model_id, input=QUESTION, tools=tools) as stream:
+        kinds = [event.type for event in stream]
+        first = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    assert first.status == "completed"
+    reasoning, tool_call = first.output
+    assert reasoning.type == "reasoning" and tool_call.type == "function_call"
+    assert tool_call.name == "get_weather" and json.loads(tool_call.arguments) == {"city": "Paris"}
+    followup = [{"role": "user", "content": QUESTION}, *[i.to_dict() for i in first.output],
+                {"type": "function_call_output", "call_id": tool_call.call_id,
+                 "output": TOOL_RESULT}]
+    with client.responses.stream(model=weather.model_id, input=followup, tools=tools) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        second = stream.get_final_response()
+    assert second.status == "completed"
+    assert text == second.output_text == ANSWER
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    assert weather.check() > 10
+
+
+# -- Codex CLI --------------------------------------------------------------------------------
+
+def _codex_home(path: Path, server: LoopbackServer) -> Path:
+    """A CODEX_HOME whose config points Codex at `server` over the Responses API."""
+    path.mkdir()
+    (path / "config.toml").write_text(f"""\
+model = "{server.model_id}"
+model_provider = "local"
+show_raw_agent_reasoning = true
+
+[model_providers.local]
+name = "gptoss-mlx"
+base_url = "{server.base_url}"
+wire_api = "responses"
+request_max_retries = 0
+stream_max_retries = 0
+""")
+    return path
+
+
+def _usage(exchange: Exchange) -> dict[str, Any]:
+    """The usage of a streamed Responses exchange (from its last event)."""
+    return json.loads(sse(exchange.body)[-1][1])["response"]["usage"]
+
+
+def _run_codex(codex: Path, home: Path, cwd: Path, *args: str) -> list[dict[str, Any]]:
+    """`codex exec ARGS --json` headless; its JSON events (the run must exit 0)."""
+    env = {**os.environ, "CODEX_HOME": str(home), "OPENAI_API_KEY": "unused"}
+    done = subprocess.run(
+        [str(codex), "exec", "--skip-git-repo-check", "--color", "never", "--json",
+         "--dangerously-bypass-approvals-and-sandbox", *args],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"codex exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_codex_exec_shell_round_trip_then_resumed_turn_reuses_the_cache(
+        scripted_server: LoopbackServer, tmp_path: Path) -> None:
+    codex = client("codex", "bin/codex")
+    server = scripted_server
+    server.model.script([
+        Turn("Thanks", final("You are welcome.")),
+        Turn("functions.exec_command to=assistant",
+             final("hello.txt says: hello from the file", reasoning="The command printed it.")),
+        Turn("hello.txt", call("exec_command", {"cmd": "cat hello.txt"},
+                               reasoning="I will read the file.")),
+    ])
+    server.exchanges.clear()
+    home, work = _codex_home(tmp_path / "home", server), tmp_path / "work"
+    work.mkdir()
+    (work / "hello.txt").write_text("hello from the file\n")
+
+    events = _run_codex(codex, home, work, "What does hello.txt say?")
+    commands = [e["item"] for e in events if e["type"] == "item.completed"
+                and e["item"]["type"] == "command_execution"]
+    assert len(commands) == 1 and "cat hello.txt" in commands[0]["command"]
+    assert commands[0]["exit_code"] == 0
+    assert commands[0]["aggregated_output"] == "hello from the file\n"
+    messages = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+                and e["item"]["type"] == "agent_message"]
+    assert messages == ["hello.txt says: hello from the file"]
+    # the command's output went back to the model as the tool's result
+    assert "hello from the file" in server.model.seen[1]
+    first_turn = len(server.exchanges)
+    assert first_turn == 2
+
+    events = _run_codex(codex, home, work, "resume", "--last", "Thanks!")
+    messages = [e["item"]["text"] for e in events if e["type"] == "item.completed"
+                and e["item"]["type"] == "agent_message"]
+    assert messages == ["You are welcome."]
+    resumed = server.exchanges[first_turn:]
+    assert len(resumed) == 1
+    # the server's prompt cache held the first turn: all of its first prompt (instructions,
+    # tools, question) is reused; harmony drops the turn's reasoning once it has a final answer,
+    # so the resumed prompt parts from the cached one right after that
+    first_prompt, resumed_usage = (_usage(server.exchanges[0]), _usage(resumed[0]))
+    assert resumed_usage["input_tokens_details"]["cached_tokens"] == first_prompt["input_tokens"]
+    (turn,) = [e for e in events if e["type"] == "turn.completed"]
+    assert turn["usage"]["cached_input_tokens"] > 0  # and Codex saw it
+    assert server.check() > 30
