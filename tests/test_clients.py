@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from clients import client
 from loopback import Exchange, LoopbackServer, sse
-from scripted_model import Turn, call, final
+from scripted_model import ScriptedModel, Turn, call, final
 
 WEATHER_FN = {
     "name": "get_weather",
@@ -173,3 +173,61 @@ def test_codex_exec_shell_round_trip_then_resumed_turn_reuses_the_cache(
     (turn,) = [e for e in events if e["type"] == "turn.completed"]
     assert turn["usage"]["cached_input_tokens"] > 0  # and Codex saw it
     assert server.check() > 30
+
+
+# -- openai-agents ----------------------------------------------------------------------------
+
+# The servers the agent runs against, one fixture each: the scripted double answers exactly;
+# a model that answers on its own (the demo model) joins this list without other changes.
+AGENT_SERVERS = ["weather"]
+
+
+@pytest.fixture(params=AGENT_SERVERS)
+def agent_server(request: pytest.FixtureRequest) -> LoopbackServer:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_openai_agents_tool_loop(agent_server: LoopbackServer, api: str, streamed: bool) -> None:
+    import asyncio
+
+    from agents import (
+        Agent,
+        OpenAIChatCompletionsModel,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # no trace export to the network
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        cities.append(city)
+        return TOOL_RESULT
+
+    async def run() -> tuple[Any, list[str]]:
+        client = AsyncOpenAI(base_url=agent_server.base_url, api_key="unused", max_retries=0)
+        kind = OpenAIResponsesModel if api == "responses" else OpenAIChatCompletionsModel
+        agent = Agent(name="weather", instructions="Answer with the tool's help.",
+                      model=kind(model=agent_server.model_id, openai_client=client),
+                      tools=[get_weather])
+        if not streamed:
+            return await Runner.run(agent, QUESTION, max_turns=4), []
+        result = Runner.run_streamed(agent, QUESTION, max_turns=4)
+        kinds = [event.type async for event in result.stream_events()]
+        return result, kinds
+
+    result, kinds = asyncio.run(run())
+    assert cities, "the agent never called its tool"
+    assert isinstance(result.final_output, str) and result.final_output
+    if streamed:
+        assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+    if isinstance(agent_server.model, ScriptedModel):
+        assert cities == ["Paris"] and result.final_output == ANSWER
+    assert agent_server.check() > 0
