@@ -231,3 +231,30 @@ def test_openai_agents_tool_loop(agent_server: LoopbackServer, api: str, streame
     if isinstance(agent_server.model, ScriptedModel):
         assert cities == ["Paris"] and result.final_output == ANSWER
     assert agent_server.check() > 0
+
+
+# -- aider ------------------------------------------------------------------------------------
+
+def test_aider_applies_a_whole_file_edit(scripted_server: LoopbackServer, tmp_path: Path) -> None:
+    aider = client("aider", "bin/aider")
+    server = scripted_server
+    new_text = 'print("hello, world")\n'
+    server.model.script([Turn("Make hello.py print", final(
+        f"hello.py\n```python\n{new_text}```\n", reasoning="Rewrite the whole file."))])
+    server.exchanges.clear()
+    (tmp_path / "hello.py").write_text("print('hi')\n")
+    done = subprocess.run(
+        [str(aider), "--openai-api-base", server.base_url, "--openai-api-key", "unused",
+         "--model", f"openai/{server.model_id}", "--edit-format", "whole",
+         "--message", "Make hello.py print hello, world.", "--yes-always", "--no-git",
+         "--no-analytics", "--analytics-disable", "--no-check-update",
+         "--no-show-release-notes", "--no-pretty", "--no-fancy-input", "hello.py"],
+        cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)}, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"aider exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert (tmp_path / "hello.py").read_text() == new_text
+    assert "Applied edit to hello.py" in done.stdout
+    assert "Rewrite the whole file." in done.stdout  # the reasoning, shown apart
+    (exchange,) = server.exchanges
+    assert exchange.path == "/v1/chat/completions" and exchange.request_json["stream"]
+    assert server.check() > 5
