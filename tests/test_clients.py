@@ -258,3 +258,32 @@ def test_aider_applies_a_whole_file_edit(scripted_server: LoopbackServer, tmp_pa
     (exchange,) = server.exchanges
     assert exchange.path == "/v1/chat/completions" and exchange.request_json["stream"]
     assert server.check() > 5
+
+
+@pytest.mark.parametrize("answer", ["Hi.", "A longer answer that takes a few more tokens."])
+def test_responses_stream_sends_text_only_in_deltas(scripted_server: LoopbackServer,
+                                                    answer: str) -> None:
+    scripted_server.model.script([Turn("", final(answer, reasoning="Short."))])
+    scripted_server.exchanges.clear()
+    with scripted_server.client().responses.stream(model=scripted_server.model_id,
+                                                   input="Say hi.") as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        response = stream.get_final_response()
+    assert deltas == response.output_text == answer
+    assert scripted_server.check() > 10
+
+
+def test_responses_stream_cut_short_keeps_the_order(scripted_server: LoopbackServer) -> None:
+    scripted_server.model.script([Turn("", final("A longer answer than the limit allows."))])
+    scripted_server.exchanges.clear()
+    with scripted_server.client().responses.stream(model=scripted_server.model_id,
+                                                   input="Say hi.",
+                                                   max_output_tokens=6) as stream:
+        events = list(stream)  # (the helper's get_final_response wants response.completed)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].type == "response.incomplete"
+    response = events[-1].response
+    assert response.status == "incomplete"
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert deltas == response.output_text and deltas
+    assert scripted_server.check() > 5
