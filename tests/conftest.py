@@ -7,13 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loopback import Capture, LoopbackServer, serving
+from loopback import LoopbackServer, served
 from scripted_model import ScriptedModel
 
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTED_MODEL_ID = "gpt-oss-20b"  # Codex CLI treats ids starting gpt-oss as gpt-oss
 
 
 def find_shared() -> Path | None:
@@ -62,12 +61,7 @@ def tiny_model_dir(tiny_checkpoint: Path, vocab_path: Path,
 def scripted_server(vocab_path: Path) -> Iterator[LoopbackServer]:
     """`serve`'s real app over loopback on a ScriptedModel (no turns yet: tests set them)."""
     from gptoss_mlx.chat.tokenizer import Tokenizer
-    from gptoss_mlx.server.app import create_app
-    from gptoss_mlx.server.engine import Engine
 
     tokenizer = Tokenizer(vocab_path)
-    model = ScriptedModel(tokenizer)
-    engine = Engine(model, tokenizer, current_date="2025-08-05")
-    capture = Capture(create_app(engine, SCRIPTED_MODEL_ID))
-    with serving(capture) as port:
-        yield LoopbackServer(port, SCRIPTED_MODEL_ID, capture, model)
+    with served(ScriptedModel(tokenizer), tokenizer) as server:
+        yield server

@@ -2,8 +2,9 @@
 checked against the `openai` SDK's types (the oracle for the wire format) and the stream order
 the Responses API documents.
 
-    with serving(Capture(create_app(engine, "gpt-oss-20b"))) as port: ...
-    check_exchanges(capture.exchanges)   # each body / event validates; order holds
+    with served(model, tokenizer) as server:   # a LoopbackServer
+        ...                                     # clients talk to server.base_url
+        server.check()                          # each body / event validates; order holds
 """
 
 from __future__ import annotations
@@ -126,6 +127,19 @@ class LoopbackServer:
             return check_exchanges(self.exchanges)
         finally:
             self.exchanges.clear()
+
+
+@contextlib.contextmanager
+def served(model: Any, tokenizer: Any, model_id: str = "gpt-oss-20b") -> Iterator[LoopbackServer]:
+    """`serve`'s app (engine, routes) on `model` over loopback, exchanges captured. The id
+    starts with gpt-oss, which Codex CLI keys its gpt-oss behaviour on."""
+    from gptoss_mlx.server.app import create_app
+    from gptoss_mlx.server.engine import Engine
+
+    engine = Engine(model, tokenizer, current_date="2025-08-05")
+    capture = Capture(create_app(engine, model_id))
+    with serving(capture) as port:
+        yield LoopbackServer(port, model_id, capture, model)
 
 
 def sse(body: bytes) -> list[tuple[str | None, str]]:

@@ -177,8 +177,10 @@ def test_codex_exec_shell_round_trip_then_resumed_turn_reuses_the_cache(
 
 # -- openai-agents ----------------------------------------------------------------------------
 
-# The servers the agent runs against, one fixture each: the scripted double answers exactly;
-# a model that answers on its own (the demo model) joins this list without other changes.
+# The servers the agent runs against, by fixture name: `weather` is the scripted double, which
+# answers exactly. A model answering on its own joins with a session fixture yielding
+# `loopback.served(*gptoss_mlx.load(its_dir))` and that fixture's name here; the test then
+# checks that the tool ran and the run ended with an answer, unforced.
 AGENT_SERVERS = ["weather"]
 
 
