@@ -289,3 +289,18 @@ def test_responses_stream_cut_short_keeps_the_order(scripted_server: LoopbackSer
     assert response.incomplete_details.reason == "max_output_tokens"
     assert deltas == response.output_text and deltas
     assert scripted_server.check() > 5
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 item 3")
+def test_a_call_cut_off_by_max_tokens_is_reported_cut_off(weather: LoopbackServer) -> None:
+    client = weather.client()
+    chat = client.chat.completions.create(
+        model=weather.model_id, messages=[{"role": "user", "content": QUESTION}],
+        tools=[{"type": "function", "function": WEATHER_FN}], max_tokens=20)
+    assert chat.choices[0].finish_reason == "length"
+    with client.responses.stream(model=weather.model_id, input=QUESTION, max_output_tokens=20,
+                                 tools=[{"type": "function", **WEATHER_FN}]) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert weather.check() > 5
