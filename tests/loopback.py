@@ -202,7 +202,8 @@ _TEXT_EVENTS = {  # delta event -> (done event, field the done event carries the
 def check_responses_stream(body: bytes) -> int:
     """Events validate by their `type`; numbered in order; created, in_progress first and a
     terminal event last; `output_item.added` carries an empty in-progress item; text arrives
-    only in deltas, which add up to each done event and to the final response's items."""
+    only in deltas, which add up to each done event and to the final response's items; a
+    response holding an incomplete item is incomplete."""
     pairs = sse(body)
     events = [EVENT.validate_json(data) for _, data in pairs]
     assert [name for name, _ in pairs] == [e.type for e in events], "event: names differ"
@@ -233,4 +234,6 @@ def check_responses_stream(body: bytes) -> int:
             done_items.append(e.item)
     final = events[-1].response
     assert [i.model_dump() for i in final.output] == [i.model_dump() for i in done_items]
+    if any(getattr(i, "status", None) == "incomplete" for i in final.output):
+        assert final.status == "incomplete", "an incomplete item in a response said complete"
     return len(events)
