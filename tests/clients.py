@@ -19,7 +19,7 @@ def clients_dir() -> Path:
     return Path(os.environ.get("GPTOSS_CLIENTS") or REPO / ".ci" / "clients")
 
 
-def client(name: str, binary: str) -> Path:
+def installed(name: str, binary: str) -> Path:
     """The installed client's executable (`binary`, relative to its folder), or skip/fail."""
     path = clients_dir() / name / binary
     if path.is_file() and os.access(path, os.X_OK):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import client
+from clients import installed
 from loopback import Exchange, LoopbackServer, sse
 from scripted_model import ScriptedModel, Turn, call, final
 
@@ -131,7 +131,7 @@ def _run_codex(codex: Path, home: Path, cwd: Path, *args: str) -> list[dict[str,
 
 def test_codex_exec_shell_round_trip_then_resumed_turn_reuses_the_cache(
         scripted_server: LoopbackServer, tmp_path: Path) -> None:
-    codex = client("codex", "bin/codex")
+    codex = installed("codex", "bin/codex")
     server = scripted_server
     server.model.script([
         Turn("Thanks", final("You are welcome.")),
@@ -238,7 +238,7 @@ def test_openai_agents_tool_loop(agent_server: LoopbackServer, api: str, streame
 # -- aider ------------------------------------------------------------------------------------
 
 def test_aider_applies_a_whole_file_edit(scripted_server: LoopbackServer, tmp_path: Path) -> None:
-    aider = client("aider", "bin/aider")
+    aider = installed("aider", "bin/aider")
     server = scripted_server
     new_text = 'print("hello, world")\n'
     server.model.script([Turn("Make hello.py print", final(
