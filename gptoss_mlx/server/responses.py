@@ -254,7 +254,8 @@ async def responses(
         render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input"
     )
     job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=body.max_output_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice))
+                        forcing=tool_forcing(engine, tools, body.tool_choice,
+                                            prompt, body.max_output_tokens))
     gen = Generation(job, OutputBuilder())
     writer = ResponseWriter(body, model_id, _echo_tools(tools))
     if body.stream:
