@@ -166,8 +166,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Server]:
+@contextlib.contextmanager
+def run_server(tiny_model_dir: Path) -> Iterator[Server]:
+    """The server on the tiny model, in a thread on a free loopback port."""
     from gptoss_mlx import load
 
     model, tokenizer = load(tiny_model_dir)
@@ -182,9 +183,17 @@ def server(tiny_model_dir: Path) -> Iterator[Server]:
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield Server(port, engine, tokenizer, model, model_id)
-    uv.should_exit = True
-    thread.join(30)
+    try:
+        yield Server(port, engine, tokenizer, model, model_id)
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[Server]:
+    with run_server(tiny_model_dir) as running:
+        yield running
 
 
 # -- oracle: openai-harmony renders the conversation the server should have rendered ---------

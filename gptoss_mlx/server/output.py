@@ -146,15 +146,16 @@ class OutputBuilder:
         return self._close()
 
     def finish_reason(self, generation_reason: str) -> str:
-        """OpenAI's finish reason: `tool_calls`, `stop` or `length`.
+        """OpenAI's finish reason: `tool_calls`, `stop` or `length` (also for a call cut off by
+        the length limit: its arguments are incomplete).
 
         `generation_reason` is `GenerationStats.finish_reason` (or "stop" when cancelled).
         """
-        if self.tool_calls:
-            return "tool_calls"
         if self.stopped:
             return "stop"
-        return "length" if generation_reason in ("length", "context") else "stop"
+        if generation_reason in ("length", "context"):
+            return "length"
+        return "tool_calls" if self.tool_calls else "stop"
 
     def _delta(self, text: str) -> list[OutputEvent]:
         item = self._current
@@ -251,6 +252,11 @@ class Generation:
         return self.done.stats.cached_tokens if self.done else self.job.cached_tokens
 
     @property
+    def generation_reason(self) -> str:
+        """How the generation ended (`GenerationStats.finish_reason`; "stop" when cancelled)."""
+        return self.done.stats.finish_reason if self.done else "stop"
+
+    @property
     def finish_reason(self) -> str:
         """`tool_calls`, `stop` or `length`."""
-        return self.builder.finish_reason(self.done.stats.finish_reason if self.done else "stop")
+        return self.builder.finish_reason(self.generation_reason)
