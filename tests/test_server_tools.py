@@ -265,18 +265,37 @@ def _options(server: Server) -> Any:
 
 # -- the Responses stream with short outputs -----------------------------------------------------
 
-@pytest.mark.parametrize("max_output_tokens", [1, 3, 6, 12])
+@pytest.mark.parametrize("max_output_tokens", [1, 12, 60])
 def test_short_responses_stream_adds_empty_items(server: Server, max_output_tokens: int) -> None:
-    """Random text cut short: the parser opens and closes its item on the last token, yet
-    `output_item.added` is the empty in-progress item and the text comes only in deltas."""
-    for seed in range(3):
+    """Random tokens cut short. Before 48 of them the parser still reads a header, which the
+    limit cuts: no item. Past it, the tokens become a text item whose first delta already holds
+    them all, yet `output_item.added` is the empty in-progress item and the text comes only in
+    deltas."""
+    items = []
+    for seed in range(2):
         events = list(server.client().responses.create(
             model=server.model_id, input="Hi", max_output_tokens=max_output_tokens,
             stream=True, extra_body={"seed": seed}))
         r = check_responses_stream(events)
         assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-        assert r.output and r.output[-1].status == "incomplete"
         assert r.usage.output_tokens == max_output_tokens
+        assert all(item.status == "incomplete" for item in r.output[-1:])
+        items += r.output
+    if max_output_tokens > 48:
+        assert any(item.type == "message" and item.content[0].text for item in items)
+
+
+@pytest.mark.parametrize("script,text", [
+    ("Hello there.<|return|>", "Hello there."),  # no header: the text ends it, all at once
+    ("<|channel|>final<|message|>Hi<|return|>", "Hi"),
+])
+def test_one_token_messages_stream_added_empty(server: Server, script: str, text: str) -> None:
+    """An item opened, filled and closed by one token still streams as added (empty), delta,
+    done."""
+    with server.scripted(script):
+        r = check_responses_stream(list(server.client().responses.create(
+            model=server.model_id, input="Hi", stream=True)))
+    assert r.status == "completed" and r.output_text == text
 
 
 def test_forced_call_cut_at_its_header_streams_an_empty_item(server: Server) -> None:
@@ -286,3 +305,41 @@ def test_forced_call_cut_at_its_header_streams_an_empty_item(server: Server) -> 
         allow_special=True))
     _, arguments, r = forced_responses(server, "required-one", True, 0, header)
     assert arguments == "" and r.output[-1].status == "incomplete"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_no_room_for_the_calls_header_returns_no_call(server: Server, endpoint: str,
+                                                      stream: bool) -> None:
+    """A limit that cuts the forced header (a name such as `get` for `get_weather` on the way)
+    returns no call and no header text as content: an empty, cut-off answer."""
+    client = server.client()
+    for max_tokens in (1, 5, 7, 11):
+        if endpoint == "chat":
+            kwargs: dict[str, Any] = dict(
+                model=server.model_id, messages=[{"role": "user", "content": QUESTION}],
+                tools=chat_tools(FUNCTIONS[:1]), tool_choice="required",
+                max_completion_tokens=max_tokens)
+            if stream:
+                chunks = list(client.chat.completions.create(stream=True, **kwargs))
+                for c in chunks:
+                    ChatCompletionChunk.model_validate(c.to_dict())
+                deltas = [c.choices[0].delta for c in chunks]
+                assert not any(d.tool_calls or d.content for d in deltas)
+                assert chunks[-1].choices[0].finish_reason == "length"
+            else:
+                raw = client.chat.completions.with_raw_response.create(**kwargs)
+                r = ChatCompletion.model_validate(raw.http_response.json())
+                message = r.choices[0].message
+                assert not message.tool_calls and not message.content
+                assert r.choices[0].finish_reason == "length"
+        else:
+            kwargs = dict(model=server.model_id, input=QUESTION, tool_choice="required",
+                          tools=responses_tools(FUNCTIONS[:1]), max_output_tokens=max_tokens)
+            if stream:
+                r = check_responses_stream(list(client.responses.create(stream=True, **kwargs)))
+            else:
+                raw = client.responses.with_raw_response.create(**kwargs)
+                r = Response.model_validate(raw.http_response.json())
+            assert r.output == [] and r.status == "incomplete"
+            assert r.incomplete_details.reason == "max_output_tokens"
