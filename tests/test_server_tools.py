@@ -343,3 +343,19 @@ def test_no_room_for_the_calls_header_returns_no_call(server: Server, endpoint: 
                 r = Response.model_validate(raw.http_response.json())
             assert r.output == [] and r.status == "incomplete"
             assert r.incomplete_details.reason == "max_output_tokens"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_a_finished_forced_call_is_reported_finished(server: Server, endpoint: str) -> None:
+    """A model that reasons and then writes a whole call: forcing leaves its tokens alone."""
+    script = ("<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>"
+              'commentary to=functions.get_time <|constrain|>json<|message|>{"q": "Paris"}<|call|>')
+    with server.scripted(script):
+        if endpoint == "chat":
+            name, arguments, reason = forced_chat(server, "named", False, 0, 0)
+            assert reason == "tool_calls"
+        else:
+            name, arguments, r = forced_responses(server, "required-several", True, 0, 0)
+            assert r.status == "completed" and r.incomplete_details is None
+            assert [o.status for o in r.output] == ["completed", "completed"]
+    assert (name, arguments) == ("get_time", '{"q": "Paris"}')
