@@ -192,3 +192,14 @@ def test_processors_see_every_token_before_the_next_step(loaded, prompt) -> None
     ids, _ = generate(model, tok, prompt, [record], sampling=greedy, max_tokens=12)
     assert ids == plain
     assert seen == [ids[:i] for i in range(len(ids))]
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_an_allowed_token_is_sampled_even_when_the_logits_rule_all_out(loaded, dtype) -> None:
+    _, tok = loaded
+    forcing = ToolCallForcing(tok, ["get_weather"])
+    logits = mx.full((1, tok.vocab_size), -mx.inf, dtype=dtype)
+    first = {tok.encode(t, allow_special=True)[0] for t in ("<|channel|>", " to")}
+    for seed in range(4):
+        sampled = mx.random.categorical(forcing([], logits), key=mx.random.key(seed))
+        assert int(sampled.item()) in first

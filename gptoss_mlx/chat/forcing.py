@@ -30,9 +30,9 @@ import numpy as np
 
 from .tokenizer import CALL, END, STARTOFTEXT, Tokenizer
 
-# Allowed tokens keep at least this logit, so one of them is sampled even when the model gives
-# them all zero probability (-inf logits).
-_FLOOR = -1e30
+# Allowed tokens keep at least this logit (far below any a model gives, and within float16), so
+# one of them is sampled even when the logits rule them all out (-inf).
+_FLOOR = -1e4
 
 
 @dataclass(frozen=True)
