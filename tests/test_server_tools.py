@@ -20,6 +20,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from test_server import Server, run_server
 
+from gptoss_mlx.chat.harmony import SystemOptions
 from gptoss_mlx.generate import TokenEvent
 from gptoss_mlx.server.engine import Job
 
@@ -240,7 +241,7 @@ def test_call_cut_off_by_the_context_is_incomplete_without_max_output_tokens(
     says incomplete with a null reason (not `max_output_tokens`, which was not sent)."""
     prompt = server.engine.renderer.render_chat(
         [{"role": "user", "content": QUESTION}], tools=chat_tools(FUNCTIONS[:1]),
-        options=_options(server))
+        options=SystemOptions(current_date=server.engine.current_date))
     room = 24
     monkeypatch.setattr(server.engine, "max_context", len(prompt) + room)
     with generated_ids(monkeypatch) as runs:
@@ -254,13 +255,7 @@ def test_call_cut_off_by_the_context_is_incomplete_without_max_output_tokens(
             assert r.usage.input_tokens == len(prompt) and r.usage.output_tokens == room
     (ids,) = runs
     assert len(ids) == room
-    assert harmony_call(server, ids) == (name, arguments) == (FUNCTIONS[0], arguments)
-
-
-def _options(server: Server) -> Any:
-    from gptoss_mlx.chat.harmony import SystemOptions
-
-    return SystemOptions(reasoning_effort="medium", current_date=server.engine.current_date)
+    assert name == FUNCTIONS[0] and harmony_call(server, ids) == (name, arguments)
 
 
 # -- the Responses stream with short outputs -----------------------------------------------------
@@ -286,12 +281,13 @@ def test_short_responses_stream_adds_empty_items(server: Server, max_output_toke
 
 
 @pytest.mark.parametrize("script,text", [
-    ("Hello there.<|return|>", "Hello there."),  # no header: the text ends it, all at once
+    ("Hello there.<|return|>", "Hello there."),  # no header: <|return|> makes it the text
     ("<|channel|>final<|message|>Hi<|return|>", "Hi"),
 ])
-def test_one_token_messages_stream_added_empty(server: Server, script: str, text: str) -> None:
-    """An item opened, filled and closed by one token still streams as added (empty), delta,
-    done."""
+def test_items_opened_and_closed_by_one_token_stream_added_empty(server: Server, script: str,
+                                                                 text: str) -> None:
+    """An item the parser opens, fills and closes on one token still streams as added (empty),
+    delta, done."""
     with server.scripted(script):
         r = check_responses_stream(list(server.client().responses.create(
             model=server.model_id, input="Hi", stream=True)))
