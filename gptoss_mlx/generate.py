@@ -11,6 +11,9 @@
 `stream` trims the cache to the longest common prefix of the tokens it holds and the new prompt,
 prefills only the rest (in chunks, computing logits for the last position only), then decodes
 one token per step while the next step is already queued (`mx.async_eval`), as mlx-lm does.
+Logits processors (`f(generated_ids, logits) -> logits`, as mlx-lm's `logits_processors`) see
+every token before the next is sampled, so with any of them the step is queued only once the
+token is read.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.messages import Message, ToolCall
 from gptoss_mlx.chat.parser import HarmonyStreamParser, ParseEvent
-from gptoss_mlx.chat.tokenizer import CALL, CHANNEL, Tokenizer
+from gptoss_mlx.chat.tokenizer import CALL, Tokenizer
 from gptoss_mlx.model.cache import trim_to as trim_layers
 from gptoss_mlx.sampling import SamplingParams, make_sampler
 
@@ -161,6 +163,8 @@ class Done:
 
 
 Progress = Callable[[int, int], None]
+# (the ids generated so far, the logits [1, V] for the next token) -> the logits to sample from
+LogitsProcessor = Callable[[Sequence[int], mx.array], mx.array]
 
 
 def prefill(
@@ -202,7 +206,7 @@ def stream(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     progress: Progress | None = None,
     max_context: int | None = None,
-    forcing: ToolCallForcing | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[TokenEvent | Done]:
     """Generate after `prompt` (harmony ids ending in `<|start|>assistant`), one event per token.
 
@@ -211,8 +215,9 @@ def stream(
     `<|call|>`, `<|endoftext|>`, never `<|end|>`), after `max_tokens` (None: no limit) or when
     the context is full (the model's, or `max_context` tokens if smaller). Raises
     ContextLengthError when the prompt fills the context.
-    `progress(done, total)` reports the prefill chunk by chunk. `forcing` writes the header of
-    every message but reasoning as a function call (tool_choice "required" or a named function).
+    `progress(done, total)` reports the prefill chunk by chunk. `logits_processors` run in order
+    on each step's logits (e.g. `chat.forcing.ToolCallForcing`); the token is sampled from what
+    they return.
     """
     ctx = context_limit(model, max_context)
     limited = ctx < context_length(model)
@@ -232,10 +237,17 @@ def stream(
     stats = GenerationStats(prompt_tokens=len(prompt))
     generated: list[int] = []
 
+    lookahead = not logits_processors  # a processor must see each token first
+
+    def sample(logits: mx.array) -> mx.array:
+        for processor in logits_processors:
+            logits = processor(generated, logits)
+        return sampler(logits)
+
     def step(token: mx.array) -> mx.array:
         with mx.stream(_STREAM):
             logits = model(token.reshape(1, 1), cache=cache.layers, last_only=True)
-            return sampler(logits[:, -1, :])
+            return sample(logits[:, -1, :])
 
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -246,18 +258,12 @@ def stream(
             return
         logits, stats.cached_tokens = prefill(model, cache, prompt, prefill_chunk, progress)
         with mx.stream(_STREAM):
-            y = sampler(logits)
+            y = sample(logits)
         mx.async_eval(y)
         decode_start = start
-        header: list[int] = []  # forced header tokens still to write
         while True:
-            if forcing is not None:
-                if not header and generated and generated[-1] == CHANNEL:
-                    header = forcing.header_after(generated, int(y.item()))
-                if header:  # instead of the sampled token
-                    y = mx.array([header.pop(0)], dtype=y.dtype)
             fed = len(generated) + 1 < limit
-            if fed:  # queue the next step before reading this token
+            if fed and lookahead:  # queue the next step before reading this token
                 next_y = step(y)
                 mx.async_eval(next_y)
             token = int(y.item())
@@ -267,6 +273,9 @@ def stream(
             generated.append(token)
             if fed:
                 cache.tokens.append(token)
+                if not lookahead:
+                    next_y = step(y)
+                    mx.async_eval(next_y)
             last = token in stops or not fed
             parsed = parser.feed(token)
             if last:

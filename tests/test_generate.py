@@ -10,7 +10,6 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import (
@@ -239,61 +238,3 @@ def test_prefill_progress(loaded) -> None:
         progress=lambda done, total: seen.append((done, total)))
     n = len(prompt)
     assert seen == [(min(i, n), n) for i in range(16, n + 16, 16)]
-
-
-# -- tool_choice "required" / named: the header of a non-reasoning message is written for the model
-
-def harmony_parse(tok: Tokenizer, ids: list[int]) -> list[tuple[Any, ...]]:
-    """openai-harmony's strict parse of generated ids: (channel, recipient, type, content)."""
-    import openai_harmony as oh
-
-    return [(m.channel, m.recipient, m.content_type, "".join(c.text for c in m.content))
-            for m in tok.harmony.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)]
-
-
-def forced_run(loaded, script: list[int], function: str | None) -> tuple[list[int], Done]:
-    model, tok = loaded
-    scripted = ScriptedModel(model, script)
-    prompt = prompt_for(tok, "Look it up")
-    scripted.prompt_len = len(prompt)
-    return run(scripted, tok, prompt, sampling=GREEDY, max_tokens=len(script),
-               forcing=ToolCallForcing(tok, function))
-
-
-def test_forcing_turns_the_answer_after_reasoning_into_the_named_call(loaded) -> None:
-    _, tok = loaded
-    header = script_ids(tok, "commentary to=functions.lookup <|constrain|>json<|message|>")
-    # the model reasons, then starts a final answer; the positions the forced header takes are
-    # filler, after which the model writes arguments and calls
-    script = (script_ids(tok, "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant"
-                              "<|channel|>final") + script_ids(tok, "x") * (len(header) - 1)
-              + script_ids(tok, '{"q": 1}<|call|>'))
-    gen, done = forced_run(loaded, script, "lookup")
-    assert harmony_parse(tok, gen) == [
-        ("analysis", None, None, "Think."),
-        ("commentary", "functions.lookup", "<|constrain|>json", '{"q": 1}')]
-    assert done.stats.finish_reason == "tool_calls"
-    assert [(c.name, c.arguments) for c in done.tool_calls] == [("lookup", '{"q": 1}')]
-
-
-def test_forcing_any_function_lets_the_model_name_it(loaded) -> None:
-    _, tok = loaded
-    forced = script_ids(tok, "commentary to=functions")
-    script = (script_ids(tok, "<|channel|>final") + script_ids(tok, "x") * (len(forced) - 1)
-              + script_ids(tok, ".search <|constrain|>json<|message|>{}<|call|>"))
-    gen, done = forced_run(loaded, script, None)
-    assert harmony_parse(tok, gen) == [
-        ("commentary", "functions.search", "<|constrain|>json", "{}")]
-    assert [c.name for c in done.tool_calls] == ["search"]
-
-
-@pytest.mark.parametrize("text", [
-    '<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{"a": 1}<|call|>',
-    ' to=functions.lookup<|channel|>commentary <|constrain|>json<|message|>{"a": 1}<|call|>',
-])
-def test_forcing_leaves_the_models_own_call_alone(loaded, text: str) -> None:
-    _, tok = loaded
-    script = script_ids(tok, text)
-    gen, done = forced_run(loaded, script, "lookup")
-    assert gen == script
-    assert [(c.name, c.arguments) for c in done.tool_calls] == [("lookup", '{"a": 1}')]

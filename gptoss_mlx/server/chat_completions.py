@@ -69,7 +69,8 @@ async def chat_completions(
     )
     max_tokens = body.max_completion_tokens or body.max_tokens
     job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=max_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice))
+                        forcing=tool_forcing(engine, tools, body.tool_choice,
+                                            prompt, max_tokens))
     gen = Generation(job, OutputBuilder(body.stop_strings))
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:

@@ -178,7 +178,7 @@ class Engine:
                 max_tokens=job.max_tokens,
                 prefill_chunk=self.prefill_chunk,
                 max_context=self.max_context,
-                forcing=job.forcing,
+                logits_processors=[job.forcing] if job.forcing else (),
             )
             active.append(_Running(job, cache, events))
         return True

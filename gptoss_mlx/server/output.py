@@ -10,7 +10,8 @@ generated token into item events (start/delta/end) and applies the request's sto
 
 Analysis messages become reasoning items; tool-call messages (any recipient) become tool-call
 items whose text is the JSON arguments; final and commentary messages become text items. Messages
-the model writes as another author (a hallucinated tool result) are dropped.
+the model writes as another author (a hallucinated tool result), and a header the length limit
+cut, are dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Literal
 from fastapi import Request
 
 from gptoss_mlx.chat.messages import Message, ToolCall
-from gptoss_mlx.chat.tokenizer import END, STOP_TOKENS
+from gptoss_mlx.chat.tokenizer import END, MESSAGE, STOP_TOKENS
 from gptoss_mlx.generate import Done, TokenEvent
 from gptoss_mlx.server.engine import Job
 from gptoss_mlx.server.errors import APIError
@@ -110,17 +111,20 @@ class OutputBuilder:
         """The item events caused by one generated token.
 
         `cut_off`: this is the last token and a length limit stopped the generation, so an item
-        the parser closes now without a closing token is marked truncated.
+        the parser closes now without a closing token is marked truncated, and a message whose
+        header it cut is dropped (its channel or recipient may be cut short, and the header's
+        text is no content).
         """
         if self.stopped:
             return []
         in_reasoning = self._current is not None and self._current.kind == "reasoning"
+        header_cut = cut_off and event.token != MESSAGE
         out: list[OutputEvent] = []
         for parsed in event.parsed:
             if self.stopped:
                 break
             if parsed.kind == "start":
-                self._skipping = parsed.message.role != "assistant"
+                self._skipping = parsed.message.role != "assistant" or header_cut
                 if not self._skipping:
                     self._current = _item_for(
                         parsed.message, len(self.items), len(self.tool_calls)
@@ -146,15 +150,16 @@ class OutputBuilder:
         return self._close()
 
     def finish_reason(self, generation_reason: str) -> str:
-        """OpenAI's finish reason: `tool_calls`, `stop` or `length`.
+        """OpenAI's finish reason: `tool_calls`, `stop` or `length` (also for a call cut off by
+        the length limit: its arguments are incomplete).
 
         `generation_reason` is `GenerationStats.finish_reason` (or "stop" when cancelled).
         """
-        if self.tool_calls:
-            return "tool_calls"
         if self.stopped:
             return "stop"
-        return "length" if generation_reason in ("length", "context") else "stop"
+        if generation_reason in ("length", "context"):
+            return "length"
+        return "tool_calls" if self.tool_calls else "stop"
 
     def _delta(self, text: str) -> list[OutputEvent]:
         item = self._current
@@ -251,6 +256,11 @@ class Generation:
         return self.done.stats.cached_tokens if self.done else self.job.cached_tokens
 
     @property
+    def generation_reason(self) -> str:
+        """How the generation ended (`GenerationStats.finish_reason`; "stop" when cancelled)."""
+        return self.done.stats.finish_reason if self.done else "stop"
+
+    @property
     def finish_reason(self) -> str:
         """`tool_calls`, `stop` or `length`."""
-        return self.builder.finish_reason(self.done.stats.finish_reason if self.done else "stop")
+        return self.builder.finish_reason(self.generation_reason)

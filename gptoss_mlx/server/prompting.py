@@ -35,16 +35,20 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) 
     return found
 
 
-def tool_forcing(engine: Engine, tools: Sequence[Mapping[str, Any]],
-                 tool_choice: Any) -> ToolCallForcing | None:
+def tool_forcing(engine: Engine, tools: Sequence[Mapping[str, Any]], tool_choice: Any,
+                 prompt: Sequence[int], max_tokens: int | None) -> ToolCallForcing | None:
     """`tool_choice: "required"` or a named function (`tools` as `function_tools` left them) as
-    the forcing of the answer's header into a call; None for "auto" and "none"."""
+    the logits processor that makes the answer a call to one of `tools`; None for "auto" and
+    "none". The answer may take `max_tokens` or what the context leaves after `prompt`."""
     if tool_choice in (None, "auto", "none"):
         return None
     if not tools:
         raise bad_request("tool_choice asks for a function call but no function tools were given",
                           param="tool_choice")
-    return ToolCallForcing(engine.tokenizer, _tool_name(tools[0]) if len(tools) == 1 else None)
+    budget = engine.context_length - len(prompt)
+    if max_tokens is not None:
+        budget = min(budget, max_tokens)
+    return ToolCallForcing(engine.tokenizer, [_tool_name(t) for t in tools], budget)
 
 
 def sampling_params(req: SamplingFields) -> SamplingParams:

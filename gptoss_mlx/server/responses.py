@@ -4,8 +4,9 @@ Input items (messages, `function_call`, `function_call_output`, `reasoning`) bec
 messages for the chat package's renderer. A stream sends `response.created`,
 `response.in_progress`, then per output item `response.output_item.added`, its content part and
 text/reasoning/arguments deltas and their `.done` events, `response.output_item.done`, and at
-last `response.completed` (`response.incomplete` when max_output_tokens cut it,
-`response.failed` on an error). Event and field names follow the official `openai` client types.
+last `response.completed` (`response.incomplete` when max_output_tokens or the context window
+cut it, `response.failed` on an error). Event and field names follow the official `openai`
+client types.
 """
 
 from __future__ import annotations
@@ -91,18 +92,20 @@ def _chat_message(item: InputItem, where: str) -> dict[str, Any]:
     )
 
 
-def _item_json(item: Item) -> dict[str, Any]:
-    """An output item as the Responses API writes it."""
-    status = "in_progress" if not item.done else "incomplete" if item.truncated else "completed"
+def _item_json(item: Item, added: bool = False) -> dict[str, Any]:
+    """An output item as the Responses API writes it; `added`: as `response.output_item.added`
+    shows it, in progress and empty (the text follows in deltas), however far it has got."""
+    done = item.done and not added
+    status = "in_progress" if not done else "incomplete" if item.truncated else "completed"
     if item.kind == "reasoning":
         return {"type": "reasoning", "id": item.id, "summary": [], "status": status,
-                "content": [{"type": "reasoning_text", "text": item.text}] if item.done else []}
+                "content": [{"type": "reasoning_text", "text": item.text}] if done else []}
     if item.kind == "tool_call":
         return {"type": "function_call", "id": item.id, "call_id": item.call_id,
-                "name": item.name, "arguments": item.text, "status": status}
+                "name": item.name, "arguments": item.text if done else "", "status": status}
     return {"type": "message", "id": item.id, "role": "assistant", "status": status,
             "phase": "final_answer" if item.channel in (None, "final") else "commentary",
-            "content": [_text_part(item)] if item.done else []}
+            "content": [_text_part(item)] if done else []}
 
 
 def _text_part(item: Item, text: str | None = None) -> dict[str, Any]:
@@ -154,7 +157,7 @@ class ResponseWriter:
             out["output"] = [_item_json(i) for i in gen.builder.items]
             out["usage"] = _usage(gen)
             if status == "incomplete":
-                out["incomplete_details"] = {"reason": "max_output_tokens"}
+                out["incomplete_details"] = {"reason": _incomplete_reason(gen)}
         if error is not None:
             out["error"] = {"code": "server_error", "message": error.message}
         return out
@@ -171,7 +174,7 @@ class ResponseWriter:
         at = {"item_id": item.id, "output_index": item.index}
         if event.kind == "start":
             out = [self.event("response.output_item.added", output_index=item.index,
-                              item=_item_json(item))]
+                              item=_item_json(item, added=True))]
             if item.kind != "tool_call":
                 out.append(self.event("response.content_part.added", **at, content_index=0,
                                       part=_text_part(item, "")))
@@ -202,6 +205,14 @@ class ResponseWriter:
         out.append(self.event("response.output_item.done", output_index=item.index,
                               item=_item_json(item)))
         return out
+
+
+def _incomplete_reason(gen: Generation) -> str | None:
+    """"max_output_tokens" when that limit cut the output; None when the context window did
+    (the Responses API has no reason for it: "max_output_tokens", "max_messages",
+    "content_filter" and "steered" would all be untrue, and clients read a null reason as
+    "unknown")."""
+    return "max_output_tokens" if gen.generation_reason == "length" else None
 
 
 def _tool_choice_json(choice: Any) -> Any:
@@ -254,7 +265,8 @@ async def responses(
         render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input"
     )
     job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=body.max_output_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice))
+                        forcing=tool_forcing(engine, tools, body.tool_choice,
+                                            prompt, body.max_output_tokens))
     gen = Generation(job, OutputBuilder())
     writer = ResponseWriter(body, model_id, _echo_tools(tools))
     if body.stream:
