@@ -291,7 +291,6 @@ def test_responses_stream_cut_short_keeps_the_order(scripted_server: LoopbackSer
     assert scripted_server.check() > 5
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3")
 def test_a_call_cut_off_by_max_tokens_is_reported_cut_off(weather: LoopbackServer) -> None:
     client = weather.client()
     chat = client.chat.completions.create(
