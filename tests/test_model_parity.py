@@ -12,15 +12,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import gptoss_mlx
 from gptoss_mlx.convert import convert
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
 from gptoss_mlx.model.cache import offset, trim_to, trimmable
 from gptoss_mlx.model.experts import SORT_MIN_PAIRS
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SEQ = 160
 F32_TOL = 5e-4  # max |logit difference| / max |logit|
