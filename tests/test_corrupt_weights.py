@@ -82,20 +82,23 @@ def test_the_scale_bound_is_exact(tiny_model_dir: Path, tmp_path: Path, byte: in
             load_model(folder, experts="mlx")
 
 
-def test_generate_stops_on_nan_logits_with_one_line(tiny_model_dir: Path,
-                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_generation_stops_on_nan_logits_with_one_line(tiny_model_dir: Path, tmp_path: Path,
+                                                      command: str) -> None:
     """A nan weight the scale scan cannot see (the final norm): no garbage on stdout, one error
-    line naming the folder, exit 1."""
+    line naming the folder, exit 1 (chat ends: every turn would fail alike)."""
     def nan_norm(tensors: dict[str, np.ndarray]) -> None:
         tensors["model.norm.weight"][3] = np.nan
 
     folder = edited_copy(tiny_model_dir, tmp_path / "nan", nan_norm)
-    proc = subprocess.run([sys.executable, "-m", "gptoss_mlx", "generate", "-m", str(folder),
-                           "-p", "hello", "--max-tokens", "8"], capture_output=True, text=True,
+    args = ["-p", "hello"] if command == "generate" else []
+    proc = subprocess.run([sys.executable, "-m", "gptoss_mlx", command, "-m", str(folder), *args,
+                           "--max-tokens", "8"], input="hello\n", capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    lines = [line.removeprefix(">>> ") for line in proc.stderr.splitlines()]  # chat's prompt
+    errors = [line for line in lines if line.startswith("Error:")]
     assert errors == [f"Error: {folder}: the model computed non-finite logits (nan or inf) for "
                       "output token 1; its weights are likely corrupt: convert the released "
                       "checkpoint again"], proc.stderr
