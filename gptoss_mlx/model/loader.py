@@ -202,8 +202,8 @@ def _check_expert_scales(model: GptOss, folder: Path) -> None:
         value = "nan in E8M0" if top == 255 else f"a scale of 2^{top - 127}"
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         raise ModelLoadError(
-            f"{folder}: {name} holds the MXFP4 scale byte {top} ({value}){more}, above the "
-            f"{MAX_EXPERT_SCALE} no trained model reaches: the expert weights are corrupt; "
+            f"{folder}: {name} holds the MXFP4 scale byte {top} ({value}){more}, where no "
+            f"trained model goes above {MAX_EXPERT_SCALE}: the expert weights are corrupt; "
             "convert the released checkpoint again")
 
 
