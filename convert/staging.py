@@ -55,7 +55,8 @@ def staged_folder(dst: Path, force: bool = False) -> Iterator[Path]:
         try:
             tmp.mkdir()
             yield tmp
-            _replace(tmp, dst)
+            with _signals_deferred():
+                _replace(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -115,6 +116,20 @@ def _terminating_signals_raise() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP back until the block is done (where the platform can):
+    between its renames, DST is briefly absent."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *TERMINATING})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -366,3 +366,32 @@ def test_repo_id_offline_is_one_line(tmp_path: Path) -> None:
 def test_library_error_type(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="no such folder"):
         convert(tmp_path / "missing", tmp_path / "out")
+
+
+def test_sigterm_between_the_renames_of_force_waits(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force renames the old DST aside, then the new folder in: a SIGTERM in between is held
+    until both are done, so DST is the complete new folder (then the process ends)."""
+    import signal
+
+    from gptoss_mlx.convert import staging
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename_then_signal(self: Path, target: Path) -> Path:
+        moved = real_rename(self, target)
+        if self == dst:  # the old folder just went aside
+            os.kill(os.getpid(), signal.SIGTERM)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename_then_signal)
+    with pytest.raises(staging.Terminated) as info:
+        with staging.staged_folder(dst, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert info.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
