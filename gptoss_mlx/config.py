@@ -23,10 +23,30 @@ class RopeScaling:
     truncate: bool = False
 
 
-# Counts and sizes that must be positive.
-_SIZES = ("num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size",
-          "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads",
-          "sliding_window", "max_position_embeddings")
+# Inclusive ranges of every number in a config: wide around the released models (20b, 120b),
+# narrow enough that no count overflows an allocation or a context outgrows any memory.
+_RANGES: dict[str, tuple[float, float]] = {
+    "num_hidden_layers": (1, 1024),
+    "num_local_experts": (1, 4096),
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 17),
+    "head_dim": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "sliding_window": (1, 1 << 24),
+    "max_position_embeddings": (1, 1 << 24),
+    "rope_scaling.original_max_position_embeddings": (1, 1 << 24),
+    "rope_theta": (1.0, 1e12),
+    "rope_scaling.factor": (1e-3, 1e4),
+    "rope_scaling.beta_fast": (1e-6, 1e6),
+    "rope_scaling.beta_slow": (1e-6, 1e6),
+    "swiglu_limit": (1e-3, 1e6),
+    "rms_norm_eps": (1e-12, 0.1),
+    # recorded, not used by the model (original/config.json has none: harmony's ids apply)
+    "eos_token_id": (0, 1 << 22),
+    "pad_token_id": (0, 1 << 22),
+}
 
 
 @dataclass(frozen=True)
@@ -53,9 +73,13 @@ class ModelConfig:
     pad_token_id: int = 199999
 
     def __post_init__(self) -> None:
-        for name in _SIZES:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in _RANGES:
+            value = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            _check_range(name, value)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even (rotary pairs)")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries, "
@@ -146,6 +170,7 @@ class ModelConfig:
         hf = {renamed.get(k, k): v for k, v in d.items()}
         ctx = _int("initial_context_length", d.get("initial_context_length", 4096))
         factor = _float("rope_scaling_factor", d.get("rope_scaling_factor", 32.0))
+        _check_range("rope_scaling.factor", factor, shown="rope_scaling_factor")
         hf["rope_scaling"] = {
             "factor": factor,
             "original_max_position_embeddings": ctx,
@@ -187,6 +212,15 @@ class ModelConfig:
             tie_word_embeddings=False,
         )
         return d
+
+
+def _check_range(name: str, value: float, shown: str | None = None) -> None:
+    """ConfigError naming the field (`shown`, else `name`) when `value` leaves `_RANGES[name]`."""
+    low, high = _RANGES[name]
+    if not low <= value <= high:  # False for nan too
+        raise ConfigError(f"{shown or name}={value} must be in {low:g}..{high:g}"
+                          if isinstance(low, float) else
+                          f"{shown or name}={value} must be in {low}..{high:,}")
 
 
 def _first(v: Any) -> Any:

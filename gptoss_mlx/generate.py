@@ -29,7 +29,13 @@ from gptoss_mlx.chat.messages import Message, ToolCall
 from gptoss_mlx.chat.parser import HarmonyStreamParser, ParseEvent
 from gptoss_mlx.chat.tokenizer import CALL, Tokenizer
 from gptoss_mlx.model.cache import trim_to as trim_layers
-from gptoss_mlx.sampling import SamplingParams, make_sampler
+from gptoss_mlx.sampling import (
+    NON_FINITE,
+    SamplingParams,
+    flag_non_finite,
+    make_sampler,
+    token_ids,
+)
 
 DEFAULT_PREFILL_CHUNK = 512
 _STREAM = mx.new_thread_local_stream(mx.default_device())
@@ -37,6 +43,15 @@ _STREAM = mx.new_thread_local_stream(mx.default_device())
 
 class ContextLengthError(ValueError):
     """The prompt leaves no room in the model's context."""
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model computed nan or inf logits: its weights are almost surely corrupt."""
+
+    def __init__(self, position: int):
+        super().__init__(
+            f"the model computed non-finite logits (nan or inf) for output token {position + 1}; "
+            "its weights are likely corrupt: convert the released checkpoint again")
 
 
 def context_length(model: Any) -> int:
@@ -231,7 +246,7 @@ def stream(
     if max_tokens is not None:
         limit = min(limit, max_tokens)
     stops = tokenizer.stop_tokens if stop_tokens is None else stop_tokens
-    sampler = make_sampler(sampling or SamplingParams())
+    sampler = flag_non_finite(make_sampler(sampling or SamplingParams()))
     cache = cache if cache is not None else PromptCache(model)
     parser = HarmonyStreamParser(tokenizer)
     stats = GenerationStats(prompt_tokens=len(prompt))
@@ -246,7 +261,7 @@ def stream(
 
     def step(token: mx.array) -> mx.array:
         with mx.stream(_STREAM):
-            logits = model(token.reshape(1, 1), cache=cache.layers, last_only=True)
+            logits = model(token_ids(token).reshape(1, 1), cache=cache.layers, last_only=True)
             return sample(logits[:, -1, :])
 
     mx.reset_peak_memory()
@@ -267,6 +282,8 @@ def stream(
                 next_y = step(y)
                 mx.async_eval(next_y)
             token = int(y.item())
+            if token & NON_FINITE:
+                raise NonFiniteLogitsError(len(generated))
             if not generated:
                 decode_start = time.perf_counter()
                 stats.time_to_first_token = decode_start - start

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 FLOAT32_MAX = 3.4028234663852886e38
+NON_FINITE = 1 << 31  # the bit `flag_non_finite` sets in a token sampled from nan or inf logits
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,25 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logprobs, axis=-1, key=sub)
 
     return sample
+
+
+def flag_non_finite(sampler: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+    """`sampler`, with the NON_FINITE bit set in a token whose own logit is nan or inf.
+
+    Corrupt weights turn the hidden state nan or inf, and the final norm and lm_head spread that
+    over every logit of the row, so the sampled one tells. Reading one logit costs nothing (a sum
+    over the 201k logits costs as much as the argmax on a CPU), and it is part of the sampled
+    token's graph: reading the token, which generation does anyway, tells it without another
+    synchronisation. `token_ids` clears the bit for feeding the token back to the model."""
+
+    def sample(logits: mx.array) -> mx.array:
+        token = sampler(logits).astype(mx.uint32)
+        picked = mx.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+        return token | ((~mx.isfinite(picked)).astype(mx.uint32) << 31)
+
+    return sample
+
+
+def token_ids(flagged: mx.array) -> mx.array:
+    """The token ids of `flag_non_finite`'s samples (NON_FINITE cleared: always in range)."""
+    return flagged & (NON_FINITE - 1)

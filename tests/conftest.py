@@ -1,4 +1,9 @@
-"""Shared fixtures: the ../shared folder, the real vocabulary, tiny synthetic checkpoints."""
+"""Shared fixtures: the ../shared folder, the real vocabulary, tiny synthetic checkpoints.
+
+Outside CI a test whose prerequisite is absent (the shared/ folder, the vocabulary, g++) is
+skipped with the reason. In CI (`$CI` set and not "false"/"0", as .ci/run sets it) every skip
+is a failure naming that reason: a checkout without its prerequisites must not look green.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +20,49 @@ from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
+def in_ci() -> bool:
+    """Whether the suite runs as CI (`$CI`, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """In CI, a skipped test (setup or call) is reported as failed, with the skip's reason."""
+    report = (yield).get_result()
+    _skip_fails_in_ci(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """In CI, a module skipped at import (`pytest.importorskip`, `allow_module_level`) fails."""
+    report = (yield).get_result()
+    _skip_fails_in_ci(report)
+
+
+def _skip_fails_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not (report.skipped and in_ci()) or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI, which must run every test: {reason}"
+
+
 def find_shared() -> Path | None:
-    """`$GPTOSS_SHARED`, else the `shared/` folder beside the checkout."""
+    """`$GPTOSS_SHARED` when set (only it), else the `shared/` folder beside the checkout."""
     env = os.environ.get("GPTOSS_SHARED")
-    for candidate in ([Path(env)] if env else []) + [REPO.parent / "shared"]:
-        if (candidate / "docs" / "gpt-oss-reference.md").is_file():
-            return candidate
-    return None
+    candidate = Path(env) if env else REPO.parent / "shared"
+    return candidate if (candidate / "docs" / "gpt-oss-reference.md").is_file() else None
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     path = find_shared()
     if path is None:
-        pytest.skip("needs the shared/ folder (GPTOSS_SHARED, or shared/ beside the checkout)")
+        where = (f"$GPTOSS_SHARED={os.environ['GPTOSS_SHARED']}" if os.environ.get("GPTOSS_SHARED")
+                 else f"{REPO.parent / 'shared'} ($GPTOSS_SHARED unset)")
+        pytest.skip(f"needs the shared/ folder with docs/gpt-oss-reference.md: not at {where}")
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,8 +21,6 @@ LANGUAGE = SuccessorLanguage.random(size=256, seed=0)
 
 @pytest.fixture(scope="module")
 def dense8_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if "dense_bits" not in inspect.signature(convert).parameters:
-        pytest.skip("the converter has no dense_bits yet")
     dst = tmp_path_factory.mktemp("dense8") / "tiny8"
     convert(tiny_checkpoint, dst, dense_bits=8, progress=False)
     return dst

@@ -6,9 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
-pexpect = pytest.importorskip("pexpect")
+import pexpect
 
 PROMPT = ">>> "
 STATS = re.compile(r"prompt: (\d+) tokens(?: \((\d+) cached\))?, time to first token: .*"

@@ -106,3 +106,49 @@ def test_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         ModelConfig.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"vocab_size": 10**12}, "vocab_size=1000000000000 must be in 1..4,194,304"),
+    ({"max_position_embeddings": 10**15}, "max_position_embeddings=1000000000000000 must be in"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers=1000000 must be in 1..1,024"),
+    ({"num_local_experts": 10**5}, "num_local_experts=100000"),
+    ({"hidden_size": 2**20}, "hidden_size=1048576"),
+    ({"sliding_window": 2**40}, "sliding_window=1099511627776"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan must be in 1..1e+12"),
+    ({"rope_theta": 0.5}, "rope_theta=0.5"),
+    ({"rms_norm_eps": float("inf")}, "rms_norm_eps=inf"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps=0.0"),
+    ({"swiglu_limit": -1}, "swiglu_limit=-1.0"),
+    ({"rope_scaling": {"factor": 1e300}}, "rope_scaling.factor=1e+300"),
+    ({"rope_scaling": {"beta_slow": 0}}, "rope_scaling.beta_slow=0.0"),
+    ({"rope_scaling": {"original_max_position_embeddings": 0}},
+     "rope_scaling.original_max_position_embeddings=0"),
+    ({"eos_token_id": 2**40}, "eos_token_id=1099511627776 must be in 0..4,194,304"),
+    ({"pad_token_id": -1}, "pad_token_id=-1"),
+    ({"head_dim": 63}, "head_dim=63 must be even"),
+])
+def test_out_of_range_values_are_named(change: dict, needle: str, tmp_path: Path) -> None:
+    """Every number has sane bounds: one ConfigError line naming the field and the range (a
+    huge vocab_size used to overflow deep in MLX, a huge context was accepted)."""
+    d = dict(ORIGINAL_20B, num_local_experts=32, num_experts_per_tok=4)
+    del d["num_experts"], d["experts_per_token"]
+    d.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_file(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: ") and needle in message
+    assert "\n" not in message
+
+
+def test_original_flavour_bounds_its_context_factor() -> None:
+    with pytest.raises(ConfigError, match="rope_scaling_factor=1e"):
+        ModelConfig.from_dict(dict(ORIGINAL_20B, rope_scaling_factor=1e308))
+
+
+def test_released_extremes_are_inside_the_bounds() -> None:
+    """The 120b's 128 experts and top-1 / all-experts routing are valid configurations."""
+    for k in (1, 128):
+        d = dict(ORIGINAL_20B, num_experts=128, experts_per_token=k, num_hidden_layers=36)
+        assert ModelConfig.from_dict(d).num_experts_per_tok == k

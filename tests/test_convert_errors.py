@@ -262,37 +262,93 @@ def test_interrupt_leaves_nothing(small_ckpt: Path, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_sigint_in_a_real_process(tmp_path: Path) -> None:
-    """A real Ctrl-C (SIGINT) to the command while it converts leaves no DST and no temp dir."""
-    import signal
+SLOW_CONVERT = (  # the CLI, each file range copied with a pause: a conversion to interrupt
+    "import sys, time\n"
+    "from gptoss_mlx.convert import safetensors_io as s\n"
+    "real = s.FileRange.copy_to\n"
+    "def slow(self, out):\n"
+    "    time.sleep(0.02)\n"
+    "    return real(self, out)\n"
+    "s.FileRange.copy_to = slow\n"
+    "from gptoss_mlx.cli import main\n"
+    "main(['convert', sys.argv[1], sys.argv[2]])\n"
+)
+
+
+@pytest.fixture(scope="module")
+def slow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("slow") / "ck",
+                            tiny_config(num_hidden_layers=8, vocab_size=1024,
+                                        num_local_experts=32))
+
+
+def start_slow_convert(src: Path, dst: Path, **popen: object) -> subprocess.Popen:
+    """The convert command in a child process, returned once its partial folder exists."""
     import time
 
-    src = write_checkpoint(tmp_path / "ck", tiny_config(num_hidden_layers=8, vocab_size=1024,
-                                                        num_local_experts=32))
-    code = (
-        "import sys, time\n"
-        "from gptoss_mlx.convert import safetensors_io as s\n"
-        "real = s.FileRange.copy_to\n"
-        "def slow(self, out):\n"
-        "    time.sleep(0.02)\n"
-        "    return real(self, out)\n"
-        "s.FileRange.copy_to = slow\n"
-        "from gptoss_mlx.cli import main\n"
-        "main(['convert', sys.argv[1], sys.argv[2]])\n"
-    )
-    dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(dst)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, **popen)
     deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):
+    while not any(p.name.startswith(f".{dst.name}.partial-") for p in dst.parent.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.parametrize("signame,status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_signal_in_a_real_process(slow_ckpt: Path, tmp_path: Path, signame: str,
+                                  status: int) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) to the command while it converts: no DST,
+    no temporary folder, a quiet exit with 128 + the signal number."""
+    import signal
+
+    dst = tmp_path / "out"
+    proc = start_slow_convert(slow_ckpt, dst)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert b"Aborted!" in err, err  # click's answer to KeyboardInterrupt, not another failure
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert proc.returncode == status, err
+    assert b"Aborted!" not in err and b"Traceback" not in err and b"Error" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sighup_ignored_under_nohup(slow_ckpt: Path, tmp_path: Path) -> None:
+    """A conversion started with SIGHUP ignored (nohup) keeps it ignored and finishes."""
+    import signal
+
+    def ignore_hup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = start_slow_convert(slow_ckpt, tmp_path / "out", preexec_fn=ignore_hup)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_next_conversion_removes_a_killed_ones_partial_folder(slow_ckpt: Path,
+                                                              tmp_path: Path) -> None:
+    """SIGKILL leaves `.out.partial-PID`; the next conversion into the same parent (any DST
+    name) removes it once that process is gone, and keeps the one of a live process."""
+    import signal
+
+    proc = start_slow_convert(slow_ckpt, tmp_path / "out")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert [p.name for p in stale] == [f".out.partial-{proc.pid}"]
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        busy = tmp_path / f".other.partial-{live.pid}"
+        busy.mkdir()
+        code, out = run_convert(slow_ckpt, tmp_path / "second")
+        assert code == 0, out
+        assert f"removed {stale[0]}" in out and f"process {proc.pid} is gone" in out
+        assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "second"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_repo_id_offline_is_one_line(tmp_path: Path) -> None:
@@ -310,3 +366,32 @@ def test_repo_id_offline_is_one_line(tmp_path: Path) -> None:
 def test_library_error_type(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="no such folder"):
         convert(tmp_path / "missing", tmp_path / "out")
+
+
+def test_sigterm_between_the_renames_of_force_waits(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force renames the old DST aside, then the new folder in: a SIGTERM in between is held
+    until both are done, so DST is the complete new folder (then the process ends)."""
+    import signal
+
+    from gptoss_mlx.convert import staging
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename_then_signal(self: Path, target: Path) -> Path:
+        moved = real_rename(self, target)
+        if self == dst:  # the old folder just went aside
+            os.kill(os.getpid(), signal.SIGTERM)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename_then_signal)
+    with pytest.raises(staging.Terminated) as info:
+        with staging.staged_folder(dst, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert info.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -94,6 +94,16 @@ def test_folder_without_vocabulary(tiny_model_dir: Path, tmp_path: Path) -> None
     one_error_line(cli("chat", "-m", str(folder)), str(folder), VOCAB_FILENAME)
 
 
+@pytest.mark.parametrize("field,value", [("vocab_size", 10**12),
+                                         ("max_position_embeddings", 10**15)])
+def test_config_out_of_bounds_is_one_line(tiny_model_dir: Path, tmp_path: Path, field: str,
+                                          value: int) -> None:
+    """vocab_size 10**12 overflowed inside MLX with a traceback; a 10**15 context was taken."""
+    folder = copy_model(tiny_model_dir, tmp_path / "huge", config={field: value})
+    r = cli("generate", "-m", str(folder), "-p", "x")
+    one_error_line(r, f"{folder / 'config.json'}: {field}={value} must be in 1..")
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_unknown_effort(tiny_model_dir: Path, command: str) -> None:
     extra = ["-p", "x"] if command == "generate" else []

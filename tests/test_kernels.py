@@ -147,6 +147,14 @@ def test_moe_half_precision_activations(dtype: str, tol: float, path: str, backe
     assert rel_err(out, case.out) <= tol  # output rounding (2^-8 bf16, 2^-11 fp16) dominates
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [1, 4], ids=["top1", "all-experts"])
+def test_moe_top1_and_all_experts(k: int, path: str) -> None:
+    """The routing extremes a config allows: one expert per token, and every expert."""
+    case = make_case(e=4, h=64, i=96, n=37, k=k)
+    assert rel_err(case.run("random", path), case.out) <= 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_partial_simdgroup_rows_and_threadgroups(backend: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import gptoss_mlx
 from gptoss_mlx.convert import convert
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
 from gptoss_mlx.model.cache import offset, trim_to, trimmable
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from gptoss_mlx.model.experts import SORT_MIN_PAIRS
 
 SEQ = 160
 F32_TOL = 5e-4  # max |logit difference| / max |logit|
@@ -34,13 +34,35 @@ SHAPES = {
                  num_key_value_heads=2, sliding_window=8, num_hidden_layers=2),
 }
 SEEDS = {"odd": 3, "hd64": 4}
+# Edge shapes a config.json may ask for, checked by full and cached forwards (fewer tests each).
+EDGE_SHAPES = {
+    # one expert per token (the sorted-experts path summed over a size-1 axis and crashed)
+    "top1": dict(vocab_size=1000, hidden_size=64, intermediate_size=64, num_local_experts=4,
+                 num_experts_per_tok=1, head_dim=16, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=16, num_hidden_layers=2),
+    # every expert for every token, a single expert; one layer (sliding), one head of one kv head
+    "all-experts": dict(vocab_size=1000, hidden_size=32, intermediate_size=32,
+                        num_local_experts=3, num_experts_per_tok=3, head_dim=16,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+                        num_hidden_layers=1),
+    "one-expert": dict(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                       num_local_experts=1, num_experts_per_tok=1, head_dim=8,
+                       num_attention_heads=1, num_key_value_heads=1, sliding_window=4,
+                       num_hidden_layers=2),
+    # one full-attention layer only, q heads == kv heads
+    "one-full-layer": dict(vocab_size=1000, hidden_size=32, intermediate_size=32,
+                           num_local_experts=2, num_experts_per_tok=2, head_dim=16,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=8,
+                           num_hidden_layers=1, layer_types=["full_attention"]),
+}
+SEEDS.update({"top1": 5, "all-experts": 6, "one-expert": 7, "one-full-layer": 8})
 
 
 class Case:
     """A random checkpoint in both layouts, converted from each, with its transformers oracle."""
 
     def __init__(self, root: Path, shape: str):
-        self.cfg = tiny_config(**SHAPES[shape])
+        self.cfg = tiny_config(**{**SHAPES, **EDGE_SHAPES}[shape])
         src = write_checkpoint(root / "src", self.cfg, layout="both", seed=SEEDS[shape])
         self.dirs = {"hf": root / "mlx-hf", "original": root / "mlx-original"}
         convert(src, self.dirs["hf"], progress=False)
@@ -103,6 +125,18 @@ def test_float32_cached_decode_matches_transformers(case: Case, layout: str) -> 
     cache = model.make_cache(slack=3, compact_step=5)
     got = prefill_then_decode(model, case.tokens, cache, chunks=[23, 9, 1, 40])
     assert offset(cache) == SEQ
+    assert rel_error(got, case.expected) <= F32_TOL
+
+
+@pytest.mark.parametrize("shape", sorted(EDGE_SHAPES))
+def test_edge_shapes_match_transformers(shape: str, tmp_path: Path) -> None:
+    """Top-1 and all-experts routing, a single expert, layer or kv head: a forward of SEQ
+    (>= 64) tokens takes the sorted-experts path, then cached prefill and decode."""
+    case = Case(tmp_path, shape)
+    assert SEQ * case.cfg["num_experts_per_tok"] >= SORT_MIN_PAIRS
+    model, _ = gptoss_mlx.load(case.dirs["hf"], dtype="float32", experts="mlx")
+    assert rel_error(run(model, case.tokens), case.expected) <= F32_TOL
+    got = prefill_then_decode(model, case.tokens, model.make_cache(slack=3), chunks=[70, 5])
     assert rel_error(got, case.expected) <= F32_TOL
 
 

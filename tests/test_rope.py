@@ -8,12 +8,11 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+import transformers
 
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.synthetic import preset_config, tiny_config
 from gptoss_mlx.model.rope import YarnRope, attention_scale, concentration, yarn_inv_freq
-
-transformers = pytest.importorskip("transformers")
 
 
 def hf_yarn(config: dict) -> tuple[np.ndarray, float]:

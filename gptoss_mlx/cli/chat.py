@@ -126,7 +126,7 @@ def _command(session: Any, line: str) -> bool:
 
 def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]) -> None:
     """Stream one answer; Ctrl-C stops it and the session forgets the turn."""
-    from gptoss_mlx.generate import ContextLengthError, Done
+    from gptoss_mlx.generate import ContextLengthError, Done, NonFiniteLogitsError
 
     events = session.send(text, sampling=sampling_params(opts), max_tokens=opts["max_tokens"],
                           progress=PrefillProgress())
@@ -148,6 +148,9 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
         hint = "; /clear starts over" if session.messages else ""  # the turn itself is gone
         click.echo(f"error: {e}{hint}", err=True)
         return
+    except NonFiniteLogitsError:  # every turn would fail alike: chat_command ends the chat
+        printer.close()
+        raise
     printer.close()
     if done is not None:
         click.echo(done.stats.summary(), err=True)
@@ -159,7 +162,7 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
 def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
     from gptoss_mlx.chat.session import ChatSession
-    from gptoss_mlx.generate import context_limit
+    from gptoss_mlx.generate import NonFiniteLogitsError, context_limit
 
     check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
@@ -192,5 +195,7 @@ def chat_command(model_path: str, **opts: Any) -> None:
                     break
             elif text.strip():
                 _turn(session, text, ChannelPrinter(opts["show_reasoning"]), opts)
+    except NonFiniteLogitsError as e:
+        raise click.ClickException(f"{model_path}: {e}") from None
     finally:
         reader.save()

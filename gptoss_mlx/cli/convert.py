@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -21,7 +22,10 @@ import click
 def convert_command(src: str, dst: Path, vocab: Path | None, force: bool,
                     dense_bits: str | None, max_shard_gb: float) -> None:
     """Convert SRC (a Hugging Face release folder, its original/ folder, or a repo id such as
-    openai/gpt-oss-20b) into the MLX model folder DST, byte for byte."""
+    openai/gpt-oss-20b) into the MLX model folder DST, byte for byte.
+
+    Ctrl-C, SIGTERM and SIGHUP remove the temporary .DST.partial-PID folder and exit with
+    130, 143 and 129; a folder left by a killed conversion goes at the next one."""
     from gptoss_mlx.convert import ConvertError, convert
 
     try:
@@ -29,3 +33,6 @@ def convert_command(src: str, dst: Path, vocab: Path | None, force: bool,
                 dense_bits=int(dense_bits) if dense_bits else None)
     except ConvertError as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:  # the partial folder is gone; no click "Aborted!" and status 1
+        click.echo(err=True)
+        sys.exit(130)

@@ -277,7 +277,7 @@ def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
         raise click.UsageError("--raw and --json both print on stdout; choose one")
     from gptoss_mlx.chat.harmony import HarmonyRenderer
     from gptoss_mlx.chat.messages import Message
-    from gptoss_mlx.generate import ContextLengthError, Done, stream
+    from gptoss_mlx.generate import ContextLengthError, Done, NonFiniteLogitsError, stream
 
     prompt = read_stdin("the prompt on stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
     if not prompt.strip():
@@ -309,6 +309,9 @@ def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
                     printer(parsed)
     except ContextLengthError as e:
         raise click.ClickException(str(e)) from None
+    except NonFiniteLogitsError as e:
+        printer.close()
+        raise click.ClickException(f"{model_path}: {e}") from None
     if raw:
         sys.stdout.write(raw_decoder.flush() + "\n")
     printer.close()

@@ -47,9 +47,10 @@ def swiglu(g: mx.array, u: mx.array, limit: float = 7.0, alpha: float = 1.702) -
 @partial(mx.compile, shapeless=True)
 def combine(y: mx.array, route_weights: mx.array, residual: mx.array) -> mx.array:
     """residual + sum_k w_k y_k in float32: y [N, k, H], route_weights [N, k], residual [N, H]
-    (or a zero scalar) -> [N, H] in y's dtype."""
-    w = mx.expand_dims(route_weights.astype(mx.float32), -1)
-    return (residual.astype(mx.float32) + (y.astype(mx.float32) * w).sum(-2)).astype(y.dtype)
+    (or a zero scalar) -> [N, H] in y's dtype. The sum over k is a matmul: a shapeless compiled
+    reduction over a size-1 axis (top-1 routing) crashes MLX 0.32."""
+    w = mx.expand_dims(route_weights.astype(mx.float32), -2)  # [N, 1, k]
+    return (residual.astype(mx.float32) + (w @ y.astype(mx.float32)).squeeze(-2)).astype(y.dtype)
 
 
 def _moe_sorted(x: mx.array, indices: mx.array, route_weights: mx.array, gate: QWeights,

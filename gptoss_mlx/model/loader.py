@@ -25,6 +25,9 @@ from .experts import ENV_VAR, MoeFn, moe, resolve_backend, self_check
 from .gpt_oss import GptOss
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+# The largest E8M0 expert scale byte a trained model can hold: 2^16 times FP4's largest value 6,
+# a weight of 393216, is far beyond any (released weights stay within a few units); 255 is nan.
+MAX_EXPERT_SCALE = 127 + 16
 _SHOWN = 6  # problems listed in one error line before "... and N more"
 
 
@@ -157,6 +160,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn =
     target = DTYPES[dtype]
     model.set_dtype(target, lambda t: mx.issubdtype(t, mx.floating))
     _materialize(model, progress)
+    _check_expert_scales(model, folder)
     model.eval()
     if fn is not moe:
         _verify_experts(model, folder, forced=experts != "auto" or bool(os.environ.get(ENV_VAR)))
@@ -182,6 +186,25 @@ def _verify_experts(model: GptOss, folder: Path, forced: bool) -> None:
         raise ModelLoadError(f"{folder}: {what}; load with experts='mlx'")
     print(f"warning: {what}; using the portable mlx experts", file=sys.stderr)
     model.set_experts(moe, "mlx")
+
+
+def _check_expert_scales(model: GptOss, folder: Path) -> None:
+    """Refuse expert scales above MAX_EXPERT_SCALE (a corrupt file: they give nan logits); one
+    max per tensor, read together."""
+    scales = [(n, a) for n, a in tree_flatten(model.parameters())
+              if ".experts." in n and n.endswith(".scales") and a.dtype == mx.uint8]
+    if not scales:
+        return
+    tops = mx.stack([a.max() for _, a in scales]).tolist()
+    bad = [(n, top) for (n, _), top in zip(scales, tops, strict=True) if top > MAX_EXPERT_SCALE]
+    if bad:
+        name, top = bad[0]
+        value = "nan in E8M0" if top == 255 else f"a scale of 2^{top - 127}"
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ModelLoadError(
+            f"{folder}: {name} holds the MXFP4 scale byte {top} ({value}){more}, where no "
+            f"trained model goes above {MAX_EXPERT_SCALE}: the expert weights are corrupt; "
+            "convert the released checkpoint again")
 
 
 def _materialize(model: GptOss, progress: bool) -> None:
