@@ -26,6 +26,7 @@ from gptoss_mlx.config import ConfigError, ModelConfig
 
 from .dense import QuantizedPiece, bits_for, config_entries, quantizable, quantized_specs
 from .layout import hf_specs, mlx_specs, original_specs, original_to_hf, qkv_rows
+from .release_files import RELEASE_FILES, write_release_files
 from .safetensors_io import FileRange, SafetensorsError, TensorSpec, write_sharded
 from .source import ConvertError, Source, resolve
 from .staging import check_destination, staged_folder
@@ -44,7 +45,6 @@ class ConvertStats:
     bytes: int
     parameters: int
     seconds: float
-    vocab: Path | None
 
     @property
     def bits_per_weight(self) -> float:
@@ -74,9 +74,8 @@ def convert(
         raise ConvertError(f"{dst}: must not be or contain the source folder {source.folder}")
     cfg = _model_config(source)
     plan = plan_conversion(source, cfg, dense_bits)
-    vocab_path, warning = find_vocab(_side_folders(source), vocab)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    side_folders = _side_folders(source)
+    vocab_bytes = find_vocab(side_folders, vocab)  # before writing anything
 
     specs = [spec for spec, _ in plan]
     total = sum(s.nbytes for s in specs)
@@ -95,19 +94,14 @@ def convert(
 
             write_sharded(tmp, specs, source_of, max_shard_bytes, metadata={"format": "mlx"})
             _write_json(tmp / "config.json", output_config(source, cfg, dense_bits))
-            for folder in _side_folders(source):
-                if (folder / "generation_config.json").is_file():
-                    shutil.copyfile(folder / "generation_config.json",
-                                    tmp / "generation_config.json")
-                    break
-            if vocab_path is not None:
-                shutil.copyfile(vocab_path, tmp / VOCAB_FILENAME)
+            (tmp / VOCAB_FILENAME).write_bytes(vocab_bytes)
+            copy_release_files(side_folders, tmp, vocab_bytes)
     except SafetensorsError as e:
         raise ConvertError(str(e)) from None
     except OSError as e:  # an unwritable DST (its parent a file, no permission, disk full, ...)
         raise ConvertError(os_error_line(e, dst)) from None
     stats = ConvertStats(len(specs), total, _parameters(mlx_specs(cfg)),
-                         time.perf_counter() - started, vocab_path)
+                         time.perf_counter() - started)
     if progress:
         print(
             f"converted {source.folder} ({source.layout} layout) -> {dst}: {stats.tensors} "
@@ -200,8 +194,21 @@ def _hf_pieces(source: Source, cfg: ModelConfig) -> dict[str, Piece]:
     return out
 
 
+def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes) -> None:
+    """Copy the release's tokenizer and generation files into `dst` unchanged, each from the
+    first side folder holding it; a source without a tokenizer.json (an `original/` folder)
+    gets them generated from `vocab` first, so every converted folder is complete."""
+    if not any((f / "tokenizer.json").is_file() for f in side_folders):
+        write_release_files(dst, vocab)
+    for name in RELEASE_FILES:
+        found = next((f / name for f in side_folders if (f / name).is_file()), None)
+        if found is not None:
+            shutil.copyfile(found, dst / name)
+
+
 def _side_folders(source: Source) -> list[Path]:
-    """Folders whose side files (vocabulary, generation config) belong to this checkpoint."""
+    """Folders whose side files (tokenizer, vocabulary, generation config) belong to this
+    checkpoint."""
     if source.layout == "original" and source.folder.name == "original":
         return [source.folder, source.folder.parent]
     return [source.folder]
