@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME
+from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SIZE
 from gptoss_mlx.config import ConfigError, ModelConfig
 
 from .dense import QuantizedPiece, bits_for, config_entries, quantizable, quantized_specs
 from .layout import hf_specs, mlx_specs, original_specs, original_to_hf, qkv_rows
-from .release_files import RELEASE_FILES, write_release_files
+from .release_files import GENERATION_CONFIG, RELEASE_FILES, write_release_files
 from .safetensors_io import FileRange, SafetensorsError, TensorSpec, write_sharded
 from .source import ConvertError, Source, resolve
 from .staging import check_destination, staged_folder
@@ -75,7 +75,12 @@ def convert(
     cfg = _model_config(source)
     plan = plan_conversion(source, cfg, dense_bits)
     side_folders = _side_folders(source)
-    vocab_bytes = find_vocab(side_folders, vocab)  # before writing anything
+    vocab_bytes = None  # before writing anything
+    if cfg.vocab_size >= VOCAB_SIZE:
+        vocab_bytes = find_vocab(side_folders, vocab)
+    elif progress:
+        print(f"note: vocab_size {cfg.vocab_size} is below o200k_harmony's {VOCAB_SIZE} token "
+              "ids (a test model): no tokenizer written", file=sys.stderr)
 
     specs = [spec for spec, _ in plan]
     total = sum(s.nbytes for s in specs)
@@ -94,7 +99,6 @@ def convert(
 
             write_sharded(tmp, specs, source_of, max_shard_bytes, metadata={"format": "mlx"})
             _write_json(tmp / "config.json", output_config(source, cfg, dense_bits))
-            (tmp / VOCAB_FILENAME).write_bytes(vocab_bytes)
             copy_release_files(side_folders, tmp, vocab_bytes)
     except SafetensorsError as e:
         raise ConvertError(str(e)) from None
@@ -194,13 +198,19 @@ def _hf_pieces(source: Source, cfg: ModelConfig) -> dict[str, Piece]:
     return out
 
 
-def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes) -> None:
-    """Copy the release's tokenizer and generation files into `dst` unchanged, each from the
-    first side folder holding it; a source without a tokenizer.json (an `original/` folder)
-    gets them generated from `vocab` first, so every converted folder is complete."""
-    if not any((f / "tokenizer.json").is_file() for f in side_folders):
-        write_release_files(dst, vocab)
-    for name in RELEASE_FILES:
+def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes | None) -> None:
+    """Write `vocab` (o200k_base.tiktoken's bytes) and copy the release's tokenizer and
+    generation files into `dst` unchanged, each from the first side folder holding it; a source
+    without a tokenizer.json (an `original/` folder) gets them generated from `vocab` first, so
+    every converted folder is complete. Without `vocab`, only the generation config."""
+    if vocab is None:
+        names: tuple[str, ...] = (GENERATION_CONFIG,)
+    else:
+        (dst / VOCAB_FILENAME).write_bytes(vocab)
+        if not any((f / "tokenizer.json").is_file() for f in side_folders):
+            write_release_files(dst, vocab)
+        names = RELEASE_FILES
+    for name in names:
         found = next((f / name for f in side_folders if (f / name).is_file()), None)
         if found is not None:
             shutil.copyfile(found, dst / name)

@@ -148,10 +148,10 @@ def test_shards_are_capped_and_index_names_them(tiny_checkpoint: Path, tmp_path:
     assert expected_from_hf(read_all(tiny_checkpoint)).keys() == read_all(dst).keys()
 
 
-def test_source_shards_are_found_through_the_index(tmp_path: Path, vocab_path: Path) -> None:
+def test_source_shards_are_found_through_the_index(tmp_path: Path) -> None:
     """The 20b release names its shards model-00000-of-00002 ..: go by the weight_map."""
     src = write_checkpoint(tmp_path / "ck", tiny_config(vocab_size=1024, num_hidden_layers=2),
-                           max_shard_bytes=200_000, vocab=vocab_path)
+                           max_shard_bytes=200_000)
     index_path = src / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     old = sorted(set(index["weight_map"].values()))

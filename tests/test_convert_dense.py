@@ -20,10 +20,9 @@ DENSE = ("model.embed_tokens", "lm_head", "model.layers.1.self_attn.q_proj",
 
 
 @pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory: pytest.TempPathFactory, vocab_path: Path) -> Path:
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("dense-ck"),
-                            tiny_config(num_hidden_layers=3, vocab_size=4096), seed=5,
-                            vocab=vocab_path)
+                            tiny_config(num_hidden_layers=3, vocab_size=4096), seed=5)
 
 
 def bf16_of(folder: Path, name: str) -> mx.array:

@@ -24,10 +24,10 @@ INDEX = "model.safetensors.index.json"
 
 
 @pytest.fixture
-def small_ckpt(tmp_path: Path, vocab_path: Path) -> Path:
-    """A very small release (2 layers, 1024 tokens) in both layouts, written fresh per test."""
+def small_ckpt(tmp_path: Path) -> Path:
+    """A very small checkpoint (2 layers, 1024 tokens) in both layouts, written fresh per test."""
     return write_checkpoint(tmp_path / "ck", tiny_config(vocab_size=1024, num_hidden_layers=2),
-                            layout="both", max_shard_bytes=400_000, vocab=vocab_path)
+                            layout="both", max_shard_bytes=400_000)
 
 
 def run_convert(src: Path | str, dst: Path, *args: str) -> tuple[int, str]:
@@ -262,14 +262,13 @@ def test_interrupt_leaves_nothing(small_ckpt: Path, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_sigint_in_a_real_process(tmp_path: Path, vocab_path: Path) -> None:
+def test_sigint_in_a_real_process(tmp_path: Path) -> None:
     """A real Ctrl-C (SIGINT) to the command while it converts leaves no DST and no temp dir."""
     import signal
     import time
 
     src = write_checkpoint(tmp_path / "ck", tiny_config(num_hidden_layers=8, vocab_size=1024,
-                                                        num_local_experts=32),
-                           vocab=vocab_path)
+                                                        num_local_experts=32))
     code = (
         "import sys, time\n"
         "from gptoss_mlx.convert import safetensors_io as s\n"

@@ -23,7 +23,7 @@ VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d
 def ckpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # An empty tiktoken cache, so that nothing on this machine is found by accident.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
-    return write_checkpoint(tmp_path / "ck", tiny_config(vocab_size=1024, num_hidden_layers=2))
+    return write_checkpoint(tmp_path / "ck", tiny_config(num_hidden_layers=2))  # 201088 tokens
 
 
 def vocab_sha(folder: Path) -> str:
