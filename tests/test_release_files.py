@@ -205,3 +205,39 @@ def test_mlx_lm_argmax_agrees_with_ours(tiny_model_dir: Path, ours: Tokenizer,
     got = mlx_lm_logits()
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_mlx_lm_server_renders_our_template(tiny_model_dir: Path, ours: Tokenizer) -> None:
+    """mlx_lm.server on the folder: its prompt is the harmony rendering of the messages."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model",
+                             str(tiny_model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps({"messages": messages, "max_tokens": 3, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    want = HarmonyRenderer(ours).render_chat(
+        messages, options=SystemOptions(current_date=datetime.date.today().isoformat()))
+    assert answer["usage"]["prompt_tokens"] == len(want)
+    assert answer["usage"]["completion_tokens"] == 3
