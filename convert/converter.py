@@ -4,7 +4,8 @@ Every output tensor is a byte-exact copy of a slice of a source tensor: the MXFP
 are reinterpreted as uint32 (never requantized), the interleaved gate/up rows are split into two
 tensors, and the `original/` layout's fused qkv rows are split into q, k and v. Bytes are copied
 file to file or a few MB at a time (see `stream`), into a temporary sibling folder renamed at
-the end.
+the end. The release's tokenizer and generation files travel unchanged (see `release_files`), and
+the o200k_base vocabulary our runtime reads is rebuilt from its tokenizer.json (see `vocab`).
 """
 
 from __future__ import annotations

@@ -175,6 +175,19 @@ def test_bench_cli_compares_with_mlx_lm(tiny_model_dir: Path) -> None:
                      r"host CPU per decoded token tg4 \d+\.\d\dx", result.stderr)
 
 
+def test_bench_compare_needs_the_tokenizer_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "old"  # a folder converted before convert wrote tokenizer.json
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (folder / f.name).symlink_to(f)
+    result = CliRunner().invoke(main, ["bench", "-m", str(folder), "-p", "16", "-n", "",
+                                       "--experts", "mlx", "--compare"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "no tokenizer.json for mlx-lm" in errors[0] and "convert" in errors[0]
+
+
 def test_bench_cli_reports_a_plan_that_does_not_fit(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,3 +150,16 @@ def test_synthesize_refuses_a_vocabulary_that_is_not_o200k(tmp_path: Path) -> No
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "not the o200k_base vocabulary" in errors[0] and str(fake) in errors[0]
     assert not (tmp_path / "ck").exists()
+
+
+def test_synthesize_without_a_vocabulary_offline(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --vocab and tiktoken cannot download: one line naming the remedy, nothing written."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a closed port: offline
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "o200k_base" in errors[0] and "--vocab PATH" in errors[0]
+    assert not (tmp_path / "ck").exists()
