@@ -114,6 +114,22 @@ TOOLS = [
             "note": {"type": ["string", "null"]},
         }}}},
     {"type": "function", "function": {"name": "now", "description": "The time now."}},
+    {"type": "function", "function": {
+        "name": "edit", "description": "Edit files.",
+        "parameters": {"type": "object", "required": ["edits"], "properties": {
+            "edits": {"type": "array", "items": {"type": "object", "required": ["path"],
+                                                 "properties": {"path": {"type": "string"},
+                                                                "line": {"type": "integer"}}}},
+            "options": {"type": "object", "description": "How to edit", "properties": {
+                "mode": {"type": "string", "enum": ["patch", "whole"], "default": "patch"},
+                "check": {"type": "object", "description": "Checks", "properties": {
+                    "lint": {"type": "boolean", "default": True, "description": "Run lint"}}},
+                "level": {"type": "integer", "enum": [1, 2]}}},
+            "tags": {"type": "array"},
+            "kind": {"enum": ["a", "b"]},
+            "value": {"anyOf": [{"type": "string"}, {"type": "number"}]},
+            "meta": {"type": "object"},
+        }}}},
     {"type": "function", "function": {"name": "ping", "parameters": {"type": "object",
                                                                      "properties": {}}}},
 ]
