@@ -56,6 +56,15 @@ def test_release_files_travel_unchanged(tiny_checkpoint: Path, tiny_model_dir: P
     assert gen["eos_token_id"] == [200002, 199999, 200012]
 
 
+def test_original_folder_of_a_release_takes_the_roots_files(tiny_checkpoint: Path,
+                                                           vocab_path: Path,
+                                                           tmp_path: Path) -> None:
+    convert(tiny_checkpoint / "original", tmp_path / "dst", progress=False)
+    for name in RELEASE_FILES:
+        assert (tmp_path / "dst" / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
+    assert (tmp_path / "dst" / "o200k_base.tiktoken").read_bytes() == vocab_path.read_bytes()
+
+
 def test_original_only_source_gets_the_release_files(vocab_path: Path, ours: Tokenizer,
                                                      tmp_path: Path) -> None:
     from transformers import AutoTokenizer
