@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_mlx.chat.tokenizer import (
+    CALL,
+    ENDOFTEXT,
     NAMED_SPECIAL_TOKENS,
     O200K_PATTERN,
+    RETURN,
     STARTOFTEXT,
     VOCAB_FILENAME,
 )
@@ -31,8 +34,8 @@ RELEASE_FILES = (GENERATION_CONFIG, *TOKENIZER_FILES)  # what a release has besi
 ENDOFPROMPT = 200018  # o200k_base's own special token, the last of the release's added tokens
 SPECIAL_TOKENS_MAP = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>",
                       "pad_token": "<|endoftext|>"}
-GENERATION = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],
-              "pad_token_id": 199999}
+GENERATION = {"bos_token_id": STARTOFTEXT, "do_sample": True,
+              "eos_token_id": [RETURN, ENDOFTEXT, CALL], "pad_token_id": ENDOFTEXT}
 
 
 def release_added_tokens() -> dict[int, str]:
