@@ -79,14 +79,6 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def add_hf_tokenizer(src: Path, vocab: Path) -> None:
-    """tokenizer.json from the o200k_harmony vocabulary, as the release ships it
-    (mlx_lm.convert loads a Hugging Face tokenizer and fails without one)."""
-    from gptoss_mlx.bench import o200k_harmony_hf_tokenizer
-
-    o200k_harmony_hf_tokenizer(vocab).save(str(src / "tokenizer.json"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-convert"))
@@ -94,16 +86,12 @@ def main() -> None:
     ap.add_argument("--src", type=Path, help="an existing checkpoint instead of a synthetic one")
     ap.add_argument("--vocab", type=Path,
                     default=REPO.parent / "shared" / "tokenizer" / "o200k_base.tiktoken",
-                    help="o200k_base.tiktoken (for the tokenizer files mlx_lm.convert needs)")
+                    help="o200k_base.tiktoken for the synthetic release's tokenizer files")
     ap.add_argument("--mlx-lm-timeout", type=float, default=1800.0)
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="runs of ours and cp (median shown)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the outputs")
-    ap.add_argument("--make-tokenizer", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.make_tokenizer:
-        add_hf_tokenizer(args.make_tokenizer, args.vocab)
-        return
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -116,10 +104,6 @@ def main() -> None:
         made = run_child("synthesize", cmd, None, work / "synthesize.log")
         if made.status != "ok":
             sys.exit(f"could not write the checkpoint: {made.status}")
-    if not args.skip_mlx_lm and args.vocab.is_file() and not (src / "tokenizer.json").exists():
-        # In a child: this process stays small, since a forked child starts from its RSS.
-        subprocess.run([sys.executable, __file__, "--make-tokenizer", str(src),
-                        "--vocab", str(args.vocab)], check=True)
     size = folder_bytes(src)
 
     ours, copied, theirs = (work / n for n in ("out-gptoss-mlx", "out-cp", "out-mlx-lm"))

@@ -74,10 +74,13 @@ def build(preset: str, work: Path) -> Path:
     """Write a synthetic checkpoint of `preset`'s shape and convert it; returns the MLX folder."""
     from gptoss_mlx.convert import convert
     from gptoss_mlx.convert.synthetic import preset_config, write_checkpoint
+    from gptoss_mlx.convert.vocab import find_vocab
 
     src, dst = work / "src", work / "mlx"
     t = time.perf_counter()
-    write_checkpoint(src, preset_config(preset), layout="hf", seed=0, progress=True)
+    # The release's tokenizer files, from the project's shared/ vocabulary or tiktoken's.
+    vocab = find_vocab([Path(__file__).resolve().parents[2] / "shared" / "tokenizer"])
+    write_checkpoint(src, preset_config(preset), layout="hf", seed=0, vocab=vocab, progress=True)
     print(f"wrote the synthetic {preset} checkpoint in {time.perf_counter() - t:.0f} s",
           file=sys.stderr)
     t = time.perf_counter()

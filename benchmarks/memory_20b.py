@@ -26,6 +26,7 @@ from gptoss_mlx import load
 from gptoss_mlx.bench import bytes_per_token, random_prompt
 from gptoss_mlx.convert import convert
 from gptoss_mlx.convert.synthetic import preset_config, write_checkpoint
+from gptoss_mlx.convert.vocab import find_vocab
 from gptoss_mlx.generate import DEFAULT_PREFILL_CHUNK, PromptCache, prefill
 from gptoss_mlx.memory import gb, plan_memory
 
@@ -43,7 +44,9 @@ def build(workdir: Path, dense_bits: int | None, src: Path | None) -> tuple[Path
     if not dst.exists():
         if src is None:
             t = time.perf_counter()
-            write_checkpoint(ckpt, preset_config("20b"), layout="hf", progress=True)
+            # The release's tokenizer files, from the shared/ vocabulary or tiktoken's.
+            vocab = find_vocab([Path(__file__).resolve().parents[2] / "shared" / "tokenizer"])
+            write_checkpoint(ckpt, preset_config("20b"), layout="hf", vocab=vocab, progress=True)
             log(f"checkpoint written in {time.perf_counter() - t:.0f} s")
         t = time.perf_counter()
         convert(ckpt, dst, dense_bits=dense_bits)

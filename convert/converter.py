@@ -4,7 +4,8 @@ Every output tensor is a byte-exact copy of a slice of a source tensor: the MXFP
 are reinterpreted as uint32 (never requantized), the interleaved gate/up rows are split into two
 tensors, and the `original/` layout's fused qkv rows are split into q, k and v. Bytes are copied
 file to file or a few MB at a time (see `stream`), into a temporary sibling folder renamed at
-the end.
+the end. The release's tokenizer and generation files travel unchanged (see `release_files`), and
+the o200k_base vocabulary our runtime reads is rebuilt from its tokenizer.json (see `vocab`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME
+from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SIZE
 from gptoss_mlx.config import ConfigError, ModelConfig
 
 from .dense import QuantizedPiece, bits_for, config_entries, quantizable, quantized_specs
 from .layout import hf_specs, mlx_specs, original_specs, original_to_hf, qkv_rows
+from .release_files import GENERATION_CONFIG, RELEASE_FILES, write_release_files
 from .safetensors_io import FileRange, SafetensorsError, TensorSpec, write_sharded
 from .source import ConvertError, Source, resolve
 from .staging import check_destination, staged_folder
@@ -44,7 +46,6 @@ class ConvertStats:
     bytes: int
     parameters: int
     seconds: float
-    vocab: Path | None
 
     @property
     def bits_per_weight(self) -> float:
@@ -74,9 +75,13 @@ def convert(
         raise ConvertError(f"{dst}: must not be or contain the source folder {source.folder}")
     cfg = _model_config(source)
     plan = plan_conversion(source, cfg, dense_bits)
-    vocab_path, warning = find_vocab(_side_folders(source), vocab)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    side_folders = _side_folders(source)
+    vocab_bytes = None  # before writing anything
+    if cfg.vocab_size >= VOCAB_SIZE:
+        vocab_bytes = find_vocab(side_folders, vocab)
+    elif progress:
+        print(f"note: vocab_size {cfg.vocab_size} is below o200k_harmony's {VOCAB_SIZE} token "
+              "ids (a test model): no tokenizer written", file=sys.stderr)
 
     specs = [spec for spec, _ in plan]
     total = sum(s.nbytes for s in specs)
@@ -95,19 +100,13 @@ def convert(
 
             write_sharded(tmp, specs, source_of, max_shard_bytes, metadata={"format": "mlx"})
             _write_json(tmp / "config.json", output_config(source, cfg, dense_bits))
-            for folder in _side_folders(source):
-                if (folder / "generation_config.json").is_file():
-                    shutil.copyfile(folder / "generation_config.json",
-                                    tmp / "generation_config.json")
-                    break
-            if vocab_path is not None:
-                shutil.copyfile(vocab_path, tmp / VOCAB_FILENAME)
+            copy_release_files(side_folders, tmp, vocab_bytes)
     except SafetensorsError as e:
         raise ConvertError(str(e)) from None
     except OSError as e:  # an unwritable DST (its parent a file, no permission, disk full, ...)
         raise ConvertError(os_error_line(e, dst)) from None
     stats = ConvertStats(len(specs), total, _parameters(mlx_specs(cfg)),
-                         time.perf_counter() - started, vocab_path)
+                         time.perf_counter() - started)
     if progress:
         print(
             f"converted {source.folder} ({source.layout} layout) -> {dst}: {stats.tensors} "
@@ -200,8 +199,27 @@ def _hf_pieces(source: Source, cfg: ModelConfig) -> dict[str, Piece]:
     return out
 
 
+def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes | None) -> None:
+    """Write `vocab` (o200k_base.tiktoken's bytes) and copy the release's tokenizer and
+    generation files into `dst` unchanged, each from the first side folder holding it; a source
+    without a tokenizer.json (an `original/` folder) gets them generated from `vocab` first, so
+    every converted folder is complete. Without `vocab`, only the generation config."""
+    if vocab is None:
+        names: tuple[str, ...] = (GENERATION_CONFIG,)
+    else:
+        (dst / VOCAB_FILENAME).write_bytes(vocab)
+        if not any((f / "tokenizer.json").is_file() for f in side_folders):
+            write_release_files(dst, vocab)
+        names = RELEASE_FILES
+    for name in names:
+        found = next((f / name for f in side_folders if (f / name).is_file()), None)
+        if found is not None:
+            shutil.copyfile(found, dst / name)
+
+
 def _side_folders(source: Source) -> list[Path]:
-    """Folders whose side files (vocabulary, generation config) belong to this checkpoint."""
+    """Folders whose side files (tokenizer, vocabulary, generation config) belong to this
+    checkpoint."""
     if source.layout == "original" and source.folder.name == "original":
         return [source.folder, source.folder.parent]
     return [source.folder]

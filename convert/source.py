@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .release_files import RELEASE_FILES
 from .safetensors_io import SafetensorsError, StoredTensor, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
-# What a Hugging Face download needs: the root layout only (original/ repeats the same weights).
-HUB_PATTERNS = ["config.json", "generation_config.json", INDEX_NAME, "model*.safetensors"]
+# What a Hugging Face download needs: the root layout's weights and config with the release's
+# tokenizer and generation files; never original/ (the same weights again) or metal/.
+HUB_PATTERNS = ["config.json", INDEX_NAME, "model*.safetensors", *RELEASE_FILES]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -55,7 +57,8 @@ def resolve(src: str | Path) -> Source:
 
 
 def download(repo_id: str) -> Path:
-    """Download the files a conversion needs from the Hugging Face Hub; return the local folder."""
+    """Download what a conversion or a run needs (`HUB_PATTERNS`) from the Hugging Face Hub
+    into its cache (once); return the local snapshot folder."""
     from huggingface_hub import snapshot_download
 
     try:

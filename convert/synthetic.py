@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME
 from gptoss_mlx.config import ModelConfig
 
 from .layout import hf_specs, original_specs, original_to_hf, qkv_rows
+from .release_files import GENERATION, GENERATION_CONFIG, write_release_files
 from .safetensors_io import TensorSpec, write_file, write_sharded
 
 LAYOUTS = ("hf", "original", "both")
@@ -177,14 +176,16 @@ def write_checkpoint(
     config: dict[str, Any],
     layout: str = "hf",
     seed: int = 0,
-    vocab: str | Path | None = None,
+    vocab: bytes | str | Path | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     progress: bool = False,
 ) -> Path:
     """Write a random checkpoint in the released `hf` layout, the `original/` one, or `both`.
 
     `config` is a Hugging Face config.json dict (`tiny_config()`, `preset_config("20b")`).
-    `vocab`, when given, is copied in as `o200k_base.tiktoken` (the release itself has none).
+    With `vocab` (o200k_base.tiktoken: its path or bytes) the root gets the release's tokenizer and
+    generation files, built from it (`release_files`), and no vocabulary file, as the release;
+    without it only the weights, config.json and generation_config.json are written.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -206,10 +207,7 @@ def write_checkpoint(
         for kind, specs in jobs:
             if kind == "hf":
                 (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                (root / "generation_config.json").write_text(
-                    json.dumps({"eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999})
-                    + "\n"
-                )
+                (root / GENERATION_CONFIG).write_text(json.dumps(GENERATION, indent=2) + "\n")
                 write_sharded(root, specs, weights.hf, max_shard_bytes, on_tensor=tick)
             else:
                 orig = root / "original"
@@ -217,5 +215,5 @@ def write_checkpoint(
                 (orig / "config.json").write_text(json.dumps(original_config(cfg), indent=2) + "\n")
                 write_file(orig / "model.safetensors", specs, weights.original, on_tensor=tick)
     if vocab is not None:
-        shutil.copyfile(vocab, root / VOCAB_FILENAME)
+        write_release_files(root, vocab if isinstance(vocab, bytes) else Path(vocab).read_bytes())
     return root

@@ -1,60 +1,110 @@
-"""Find the o200k_base vocabulary a converted folder needs to run offline, and verify it."""
+"""The o200k_base vocabulary a converted folder needs to run offline, found and verified.
+
+Hugging Face releases carry no `o200k_base.tiktoken`, but their `tokenizer.json` holds the same
+byte-level BPE: `vocab_from_tokenizer_json` rebuilds the tiktoken file from it, byte for byte.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import os
-import tempfile
+import json
 from pathlib import Path
 
 from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SHA256
 
 from .source import ConvertError
 
-# tiktoken caches a download under the sha1 of this URL.
+TOKENIZER_JSON = "tokenizer.json"
+# tiktoken's own download (and the key of its cache).
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
-MISSING_HINT = (
-    f"no {VOCAB_FILENAME} found (source folder, --vocab, tiktoken cache); the converted folder "
-    f"has no tokenizer: copy {VOCAB_FILENAME} into it, or convert again with --vocab PATH"
-)
 
 
-def sha256_of(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table), reversed:
+    bytes that print as themselves keep their code point, the others take 256, 257, ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(extra)})
+    return table
 
 
-def tiktoken_cache_path() -> Path:
-    """Where tiktoken keeps (or would keep) its download of o200k_base."""
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "data-gym-cache"
-    return root / hashlib.sha1(VOCAB_URL.encode()).hexdigest()
+def vocab_from_tokenizer_json(path: str | Path) -> bytes:
+    """The bytes of `o200k_base.tiktoken` (`base64(token) rank` lines) rebuilt from a Hugging
+    Face `tokenizer.json`, checked against o200k_base's sha256. ConvertError (one line) when the
+    file is unreadable or its vocabulary is not o200k_base."""
+    path = Path(path)
+    try:
+        vocab = json.loads(path.read_bytes())["model"]["vocab"]
+        if not isinstance(vocab, dict):
+            raise TypeError
+    except OSError as e:
+        raise ConvertError(f"{path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConvertError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+    decoder = gpt2_byte_decoder()
+    try:
+        lines = [base64.b64encode(bytes(decoder[c] for c in token)) + b" %d\n" % rank
+                 for token, rank in sorted(vocab.items(), key=lambda kv: kv[1])]
+    except (KeyError, TypeError):
+        raise ConvertError(f"{path}: not a byte-level BPE vocabulary") from None
+    data = b"".join(lines)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VOCAB_SHA256:
+        raise ConvertError(f"{path}: its vocabulary is not o200k_base (sha256 {digest[:12]}..., "
+                           f"expected {VOCAB_SHA256[:12]}...)")
+    return data
 
 
-def find_vocab(src_folders: list[Path], explicit: str | Path | None) -> tuple[Path | None, str]:
-    """The verified vocabulary file to copy (or None), and a warning line when there is none.
+def read_vocab(path: str | Path) -> bytes:
+    """The bytes of an `o200k_base.tiktoken` file, checked against its sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: vocabulary file not found")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VOCAB_SHA256:
+        raise ConvertError(
+            f"{path}: not the o200k_base vocabulary (sha256 {digest}, expected {VOCAB_SHA256})"
+        )
+    return data
 
-    An explicit path must exist and be o200k_base; a found one that fails the check is skipped.
-    """
+
+def find_vocab(folders: list[Path], explicit: str | Path | None = None) -> bytes:
+    """The verified o200k_base vocabulary: `explicit`, else the first of `folders` holding an
+    `o200k_base.tiktoken` (one with the wrong sha256 is skipped) or a `tokenizer.json`, else
+    tiktoken's cache or its download. ConvertError naming both remedies when all fail."""
     if explicit is not None:
-        path = Path(explicit)
-        if not path.is_file():
-            raise ConvertError(f"{path}: vocabulary file not found")
-        digest = sha256_of(path)
-        if digest != VOCAB_SHA256:
-            raise ConvertError(
-                f"{path}: not the o200k_base vocabulary (sha256 {digest}, expected {VOCAB_SHA256})"
-            )
-        return path, ""
+        return read_vocab(explicit)
     skipped = []
-    for path in [f / VOCAB_FILENAME for f in src_folders] + [tiktoken_cache_path()]:
-        if path.is_file():
-            if sha256_of(path) == VOCAB_SHA256:
-                return path, ""
-            skipped.append(str(path))
-    note = f" (skipped {', '.join(skipped)}: wrong sha256)" if skipped else ""
-    return None, MISSING_HINT + note
+    for folder in folders:
+        if (folder / VOCAB_FILENAME).is_file():
+            try:
+                return read_vocab(folder / VOCAB_FILENAME)
+            except ConvertError:
+                skipped.append(str(folder / VOCAB_FILENAME))
+        if (folder / TOKENIZER_JSON).is_file():
+            return vocab_from_tokenizer_json(folder / TOKENIZER_JSON)
+    try:
+        return download_vocab()
+    except ConvertError as e:
+        reason = str(e)
+    where = folders[0] if folders else "the source"
+    note = f"; skipped {', '.join(skipped)} (wrong sha256)" if skipped else ""
+    raise ConvertError(
+        f"no o200k_base vocabulary: {where} has no {TOKENIZER_JSON} or {VOCAB_FILENAME}, and "
+        f"{reason}{note}; pass --vocab PATH to a copy of {VOCAB_FILENAME}, or put the "
+        f"release's {TOKENIZER_JSON} in {where}"
+    )
+
+
+def download_vocab() -> bytes:
+    """o200k_base from tiktoken's cache, else tiktoken's download (needs the internet)."""
+    from tiktoken.load import read_file_cached
+
+    try:
+        return read_file_cached(VOCAB_URL, VOCAB_SHA256)
+    except Exception as e:  # offline (requests' ConnectionError, ...), a bad download
+        raise ConvertError(f"tiktoken could not download it ({type(e).__name__})") from None

@@ -15,11 +15,7 @@ and ratios are medians of per-repetition ratios.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,68 +142,24 @@ class OurRuntime:
 
 
 class MlxLmRuntime:
-    """mlx-lm: `mlx_lm.stream_generate` (greedy by default) on the same folder, EOS disabled."""
+    """mlx-lm: `mlx_lm.stream_generate` (greedy by default) on the same folder, EOS disabled.
+    The folder needs the release's tokenizer files, which `convert` puts there."""
 
     name = "mlx-lm"
 
     def __init__(self, model_dir: str | Path):
         import mlx_lm
 
-        self.model, self.tokenizer = mlx_lm.load(str(mlx_lm_folder(Path(model_dir))))
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: no tokenizer.json for mlx-lm; convert the "
+                                    "checkpoint again with this version of gptoss-mlx")
+        self.model, self.tokenizer = mlx_lm.load(str(model_dir))
         self.tokenizer._eos_token_ids = set()  # as mlx_lm.benchmark does: never stop early
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Any]:
         import mlx_lm
 
         return mlx_lm.stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens)
-
-
-def mlx_lm_folder(model_dir: Path) -> Path:
-    """A folder `mlx_lm.load` accepts for our model folder: the folder itself when it has a
-    `tokenizer.json`, else one in the temp directory (one per model folder, reused) linking to
-    its files, plus a Hugging Face tokenizer built once from its `o200k_base.tiktoken`
-    (o200k_harmony: the base ranks and the harmony special tokens)."""
-    if (model_dir / "tokenizer.json").is_file():
-        return model_dir
-    from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME
-
-    vocab = model_dir / VOCAB_FILENAME
-    if not vocab.is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json or {VOCAB_FILENAME} for mlx-lm")
-    key = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:12]
-    side = Path(tempfile.gettempdir()) / f"gptoss-mlx-lm-{key}"
-    side.mkdir(exist_ok=True)
-    for f in side.iterdir():
-        if f.is_symlink():
-            f.unlink()
-    for f in model_dir.iterdir():
-        if f.suffix in (".safetensors", ".json"):
-            (side / f.name).symlink_to(f.resolve())
-    if not (side / "tokenizer.json").is_file():
-        tmp = side / f".tokenizer.json.{os.getpid()}"
-        o200k_harmony_hf_tokenizer(vocab).save(str(tmp))
-        tmp.replace(side / "tokenizer.json")
-    (side / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|return|>",
-         "pad_token": "<|endoftext|>"}))
-    return side
-
-
-def o200k_harmony_hf_tokenizer(vocab: Path) -> Any:
-    """A `tokenizers.Tokenizer` for o200k_harmony, built from the o200k_base ranks."""
-    from tokenizers import AddedToken
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from gptoss_mlx.chat.tokenizer import O200K_PATTERN, harmony_special_tokens
-
-    special = sorted(harmony_special_tokens().items(), key=lambda kv: kv[1])
-    tok = TikTokenConverter(vocab_file=str(vocab), pattern=O200K_PATTERN).converted()
-    tok.add_special_tokens([AddedToken(name, special=True, normalized=False)
-                            for name, _ in special])
-    for name, i in special:
-        if tok.token_to_id(name) != i:
-            raise RuntimeError(f"built tokenizer maps {name} to {tok.token_to_id(name)}, not {i}")
-    return tok
 
 
 @dataclass(frozen=True)

@@ -74,20 +74,35 @@ def vocab_path(shared_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random checkpoint in both released layouts (root and original/)."""
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_config(), layout="both", seed=0)
+@pytest.fixture(scope="session", autouse=True)
+def empty_tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """tiktoken's cache in an empty folder, so that no test finds this machine's copy of the
+    vocabulary by accident (a test needing the vocabulary says so with `vocab_path`)."""
+    folder = tmp_path_factory.mktemp("tiktoken-cache")
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["TIKTOKEN_CACHE_DIR"]
+    else:
+        os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_checkpoint: Path, vocab_path: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint converted to an MLX folder, with the real vocabulary."""
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, vocab_path: Path) -> Path:
+    """A tiny random release in both layouts (root and original/) with the release's tokenizer
+    and generation files, and, as the release, no o200k_base.tiktoken."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_config(), layout="both", seed=0,
+                            vocab=vocab_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny release converted to an MLX folder (vocabulary from its tokenizer.json)."""
     from gptoss_mlx.convert import convert
 
     dst = tmp_path_factory.mktemp("mlx") / "tiny"
-    convert(tiny_checkpoint, dst, vocab=vocab_path)
+    convert(tiny_checkpoint, dst, progress=False)
     return dst
 
 

@@ -18,7 +18,6 @@ from gptoss_mlx.bench import (
     chip_bandwidth,
     device_bandwidth,
     llama_bench_tests,
-    mlx_lm_folder,
     ratios,
     run_tests,
 )
@@ -145,19 +144,6 @@ def test_ratios_are_medians_of_paired_runs() -> None:
     assert ratios(results, "ours", "theirs", "host_per_token") == {"tg8": 0.5}
 
 
-def test_mlx_lm_tokenizer_matches_o200k_harmony(tiny_model_dir: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    from gptoss_mlx.chat.tokenizer import load_tokenizer
-
-    ours = load_tokenizer(tiny_model_dir)
-    side = mlx_lm_folder(tiny_model_dir)
-    hf = PreTrainedTokenizerFast.from_pretrained(str(side))
-    text = "<|start|>user<|message|>Héllo, wörld! 12345  \n\tcode()<|end|><|reserved_200100|>"
-    assert hf.encode(text, add_special_tokens=False) == ours.encode(text, allow_special=True)
-    assert (side / "config.json").resolve() == (tiny_model_dir / "config.json").resolve()
-
-
 def test_bench_cli_prints_the_table(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(
         main, ["bench", "-m", str(tiny_model_dir), "-p", "16", "-n", "4", "-d", "32", "-r", "2",
@@ -187,6 +173,19 @@ def test_bench_cli_compares_with_mlx_lm(tiny_model_dir: Path) -> None:
     assert runtimes == ["gptoss-mlx mlx", "mlx-lm", "gptoss-mlx mlx", "mlx-lm"]
     assert re.search(r"gptoss-mlx mlx / mlx-lm: speed pp16 \d+\.\d\dx, tg4 \d+\.\d\dx; "
                      r"host CPU per decoded token tg4 \d+\.\d\dx", result.stderr)
+
+
+def test_bench_compare_needs_the_tokenizer_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "old"  # a folder converted before convert wrote tokenizer.json
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            (folder / f.name).symlink_to(f)
+    result = CliRunner().invoke(main, ["bench", "-m", str(folder), "-p", "16", "-n", "",
+                                       "--experts", "mlx", "--compare"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "no tokenizer.json for mlx-lm" in errors[0] and "convert" in errors[0]
 
 
 def test_bench_cli_reports_a_plan_that_does_not_fit(

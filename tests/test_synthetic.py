@@ -3,7 +3,6 @@ and the two layouts hold the same weights."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -73,8 +72,11 @@ def test_synthesize_command_both_layouts(tmp_path: Path, vocab_path: Path) -> No
     assert result.exit_code == 0, result.output
     cfg = ModelConfig.from_file(dst)
     assert ModelConfig.from_file(dst / "original") == cfg
-    assert hashlib.sha256((dst / "o200k_base.tiktoken").read_bytes()).hexdigest() == (
-        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d")
+    # The release's file set: tokenizer and generation files, no o200k_base.tiktoken.
+    assert sorted(p.name for p in dst.iterdir() if not p.name.endswith(".safetensors")) == [
+        "chat_template.jinja", "config.json", "generation_config.json",
+        "model.safetensors.index.json",
+        "original", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
 
     hf, orig = read(dst), read(dst / "original")
     assert {k: (str(v.dtype), tuple(v.shape)) for k, v in hf.items()} == {
@@ -93,13 +95,14 @@ def test_synthesize_command_both_layouts(tmp_path: Path, vocab_path: Path) -> No
     assert torch.equal(orig["unembedding.weight"], hf["lm_head.weight"])
 
     # The same seed gives the same weights; another seed different ones; DST is never clobbered.
-    again = runner.invoke(main, ["synthesize", str(tmp_path / "again"), "--seed", "3"])
-    other = runner.invoke(main, ["synthesize", str(tmp_path / "other"), "--seed", "4"])
+    vocab = ["--vocab", str(vocab_path)]
+    again = runner.invoke(main, ["synthesize", str(tmp_path / "again"), "--seed", "3", *vocab])
+    other = runner.invoke(main, ["synthesize", str(tmp_path / "other"), "--seed", "4", *vocab])
     assert again.exit_code == 0 and other.exit_code == 0
     w = "model.layers.1.mlp.router.weight"
     assert torch.equal(read(tmp_path / "again")[w], hf[w])
     assert not torch.equal(read(tmp_path / "other")[w], hf[w])
-    refused = runner.invoke(main, ["synthesize", str(dst)])
+    refused = runner.invoke(main, ["synthesize", str(dst), *vocab])
     assert refused.exit_code != 0 and "already exists" in refused.output
     assert (dst / "original" / "model.safetensors").is_file()
 
@@ -115,14 +118,16 @@ def test_magnitudes_are_realistic(tiny_checkpoint: Path) -> None:
     assert 0.5 < float(w.std()) * math.sqrt(fan_in) < 2.0
 
 
-def test_synthesize_unwritable_dst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synthesize_unwritable_dst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   vocab_path: Path) -> None:
     """A DST under a file, or a write that fails (disk full): one Error line, nothing left."""
     import errno
 
     from gptoss_mlx.convert import safetensors_io
 
     (tmp_path / "afile").write_text("")
-    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "afile" / "ck")])
+    vocab = ["--vocab", str(vocab_path)]
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "afile" / "ck"), *vocab])
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1 and "afile" in errors[0], result.output
 
@@ -130,7 +135,7 @@ def test_synthesize_unwritable_dst(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         raise OSError(errno.ENOSPC, "No space left on device", out.name)
 
     monkeypatch.setattr(safetensors_io, "write_all", full)
-    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck")])
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck"), *vocab])
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "No space left on device" in errors[0] and ".safetensors" in errors[0], errors
@@ -144,4 +149,17 @@ def test_synthesize_refuses_a_vocabulary_that_is_not_o200k(tmp_path: Path) -> No
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "not the o200k_base vocabulary" in errors[0] and str(fake) in errors[0]
+    assert not (tmp_path / "ck").exists()
+
+
+def test_synthesize_without_a_vocabulary_offline(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --vocab and tiktoken cannot download: one line naming the remedy, nothing written."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a closed port: offline
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["synthesize", str(tmp_path / "ck")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "o200k_base" in errors[0] and "--vocab PATH" in errors[0]
     assert not (tmp_path / "ck").exists()

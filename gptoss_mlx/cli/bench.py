@@ -72,7 +72,10 @@ def bench_command(model_path: Path, n_prompt: list[int], n_gen: list[int], depth
     if tokenizer is None:
         raise click.ClickException(f"{model_path}: no o200k_base.tiktoken, cannot benchmark")
     if compare:
-        runtimes.append(bench.MlxLmRuntime(model_path))
+        try:
+            runtimes.append(bench.MlxLmRuntime(model_path))
+        except OSError as e:
+            raise click.ClickException(str(e)) from None
 
     cfg, specs = plan.config, plan.specs
     device, bandwidth = bench.device_bandwidth()

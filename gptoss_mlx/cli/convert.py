@@ -12,7 +12,8 @@ import click
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--vocab", type=click.Path(path_type=Path),
-              help="o200k_base.tiktoken to copy in (default: from SRC or the tiktoken cache).")
+              help="o200k_base.tiktoken to use (default: rebuilt from SRC's tokenizer.json, "
+                   "else SRC's own copy, else tiktoken's cache or download).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--dense-bits", type=click.Choice(["8", "4"]), default=None,
               help="Lossy: quantize attention, lm_head and embedding to 8 or 4 bits (MLX affine, "
@@ -22,7 +23,8 @@ import click
 def convert_command(src: str, dst: Path, vocab: Path | None, force: bool,
                     dense_bits: str | None, max_shard_gb: float) -> None:
     """Convert SRC (a Hugging Face release folder, its original/ folder, or a repo id such as
-    openai/gpt-oss-20b) into the MLX model folder DST, byte for byte.
+    openai/gpt-oss-20b) into the MLX model folder DST, byte for byte, with the release's
+    tokenizer and generation files and the o200k_base vocabulary.
 
     Ctrl-C, SIGTERM and SIGHUP remove the temporary .DST.partial-PID folder and exit with
     130, 143 and 129; a folder left by a killed conversion goes at the next one."""

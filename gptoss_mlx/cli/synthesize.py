@@ -15,26 +15,35 @@ import click
               help="Hugging Face root layout, OpenAI's original/ layout, or both.")
 @click.option("--seed", type=int, default=0, help="Random seed (same seed, same weights).")
 @click.option("--vocab", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="o200k_base.tiktoken to copy into DST.")
+              help="o200k_base.tiktoken to build the tokenizer files from (default: tiktoken's "
+                   "cache or download).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def synthesize_command(dst: Path, preset: str, layout: str, seed: int, vocab: Path | None,
                        force: bool) -> None:
-    """Write a random gpt-oss checkpoint to DST (tests, benchmarks, demos; no download)."""
+    """Write a random gpt-oss checkpoint to DST with the release's tokenizer and generation
+    files (tests, benchmarks, demos; no download of weights)."""
     import time
 
     from gptoss_mlx.convert import ConvertError
     from gptoss_mlx.convert.converter import os_error_line
     from gptoss_mlx.convert.staging import staged_folder
     from gptoss_mlx.convert.synthetic import preset_config, tiny_config, write_checkpoint
-    from gptoss_mlx.convert.vocab import find_vocab
+    from gptoss_mlx.convert.vocab import download_vocab, read_vocab
 
     config = tiny_config() if preset == "tiny" else preset_config(preset)
     started = time.perf_counter()
     try:
-        if vocab is not None:
-            find_vocab([], vocab)  # the same sha256 check as convert's --vocab
+        vocab_bytes = read_vocab(vocab) if vocab is not None else download_vocab()
+    except ConvertError as e:
+        if vocab is None:
+            raise click.ClickException(f"no o200k_base vocabulary for the tokenizer files: {e}; "
+                                       "pass --vocab PATH to a copy of o200k_base.tiktoken"
+                                       ) from None
+        raise click.ClickException(str(e)) from None
+    try:
         with staged_folder(dst, force) as tmp:
-            write_checkpoint(tmp, config, layout=layout, seed=seed, vocab=vocab, progress=True)
+            write_checkpoint(tmp, config, layout=layout, seed=seed, vocab=vocab_bytes,
+                             progress=True)
     except ConvertError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # an unwritable DST (no permission, disk full, ...)
