@@ -72,9 +72,9 @@ def convert(
     source = resolve(src)
     if source.folder.resolve().is_relative_to(dst.resolve()):
         raise ConvertError(f"{dst}: must not be or contain the source folder {source.folder}")
-    cfg = _model_config(source)
+    cfg = model_config(source)
     plan = plan_conversion(source, cfg, dense_bits)
-    vocab_path, warning = find_vocab(_side_folders(source), vocab)
+    vocab_path, warning = find_vocab(side_folders(source), vocab)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
 
@@ -95,7 +95,7 @@ def convert(
 
             write_sharded(tmp, specs, source_of, max_shard_bytes, metadata={"format": "mlx"})
             _write_json(tmp / "config.json", output_config(source, cfg, dense_bits))
-            for folder in _side_folders(source):
+            for folder in side_folders(source):
                 if (folder / "generation_config.json").is_file():
                     shutil.copyfile(folder / "generation_config.json",
                                     tmp / "generation_config.json")
@@ -157,7 +157,8 @@ def output_config(source: Source, cfg: ModelConfig,
     return out
 
 
-def _model_config(source: Source) -> ModelConfig:
+def model_config(source: Source) -> ModelConfig:
+    """The source's config.json as a ModelConfig; ConvertError naming the file otherwise."""
     try:
         return ModelConfig.from_dict(source.config)
     except (ConfigError, TypeError, ValueError) as e:
@@ -200,7 +201,7 @@ def _hf_pieces(source: Source, cfg: ModelConfig) -> dict[str, Piece]:
     return out
 
 
-def _side_folders(source: Source) -> list[Path]:
+def side_folders(source: Source) -> list[Path]:
     """Folders whose side files (vocabulary, generation config) belong to this checkpoint."""
     if source.layout == "original" and source.folder.name == "original":
         return [source.folder, source.folder.parent]
