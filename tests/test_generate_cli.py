@@ -84,7 +84,7 @@ def test_missing_model_folder(tmp_path: Path) -> None:
 def test_model_path_is_a_file(tiny_model_dir: Path) -> None:
     config = tiny_model_dir / "config.json"
     r = cli("generate", "-m", str(config), "-p", "x")
-    one_error_line(r, str(config), "is not a folder")
+    one_error_line(r, str(config), "not a folder")
     assert "no such folder" not in r.stderr
 
 
