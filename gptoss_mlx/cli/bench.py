@@ -77,7 +77,10 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     if tokenizer is None:
         raise click.ClickException(f"{model_path}: no o200k_base.tiktoken, cannot benchmark")
     if compare:
-        runtimes.append(bench.MlxLmRuntime(model_path))
+        try:
+            runtimes.append(bench.MlxLmRuntime(model_path))
+        except (ValueError, OSError, KeyError, RuntimeError) as e:  # e.g. an original/ release
+            raise click.ClickException(f"mlx-lm cannot load {model_path}: {e}") from None
 
     cfg, specs = plan.config, plan.specs
     device, bandwidth = bench.device_bandwidth()
