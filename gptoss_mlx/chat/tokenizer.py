@@ -199,8 +199,8 @@ def load_tokenizer(*model_dirs: str | os.PathLike[str]) -> Tokenizer | None:
 def derived_vocab(tokenizer_json: Path) -> Path:
     """`o200k_base.tiktoken` derived from a release's `tokenizer.json`, kept in one cache file
     (its bytes are fixed by VOCAB_SHA256, so every model shares it) and reused."""
-    if DERIVED_VOCAB.is_file() and hashlib.sha256(DERIVED_VOCAB.read_bytes()).hexdigest() == \
-            VOCAB_SHA256:
+    cached = DERIVED_VOCAB.is_file() and hashlib.sha256(DERIVED_VOCAB.read_bytes()).hexdigest()
+    if cached == VOCAB_SHA256:
         return DERIVED_VOCAB
     from gptoss_mlx.convert.source import ConvertError
     from gptoss_mlx.convert.vocab import vocab_from_tokenizer_json  # the derivation (issue 11)
