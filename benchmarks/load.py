@@ -2,7 +2,9 @@
 
     python benchmarks/load.py                 # synthetic 20b: write, convert, measure, delete
     python benchmarks/load.py --preset 120b   # the same at the 120b shape (~65 GB on disk)
-    python benchmarks/load.py --model DIR     # measure an existing converted folder
+    python benchmarks/load.py --release       # the synthetic release loaded as it is, beside
+                                              # its converted folder (twice the disk)
+    python benchmarks/load.py --model DIR     # an existing converted or released folder
 
 The synthetic checkpoint (random weights, released layout and shapes) is written with
 `write_checkpoint`, converted with `gptoss_mlx.convert.convert`, then loaded in a fresh
@@ -26,8 +28,10 @@ GiB = 1024**3
 
 
 def weights_bytes(folder: Path) -> int:
-    """Bytes of the folder's safetensors files."""
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    """Bytes of the model's tensors (a release's: those it loads)."""
+    from gptoss_mlx.memory import folder_specs
+
+    return sum(s.nbytes for s in folder_specs(folder))
 
 
 def measure(folder: Path, experts: str) -> dict:
@@ -41,6 +45,7 @@ def measure(folder: Path, experts: str) -> dict:
     model, _ = gptoss_mlx.load(folder, experts=experts, progress=True)
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory()
+    load_rss = peak_rss()
 
     cache = model.make_cache()
     vocab = model.config.vocab_size
@@ -54,9 +59,6 @@ def measure(folder: Path, experts: str) -> dict:
         mx.eval(tokens)
         times.append(time.perf_counter() - t)
         print(f"token {len(times)}: {tokens.item()} in {times[-1]:.2f} s", file=sys.stderr)
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-        1 if sys.platform == "darwin" else 1024)
     return {
         "folder": str(folder),
         "experts_backend": model.experts_backend,
@@ -64,14 +66,22 @@ def measure(folder: Path, experts: str) -> dict:
         "load_s": load_s,
         "mlx_peak_after_load_gb": load_peak / GiB,
         "mlx_peak_gb": mx.get_peak_memory() / GiB,
-        "peak_rss_gb": rss / GiB,
+        "peak_rss_after_load_gb": load_rss / GiB,
+        "peak_rss_gb": peak_rss() / GiB,
         "first_token_s": times[0],
         "second_token_s": times[1],
     }
 
 
-def build(preset: str, work: Path) -> Path:
-    """Write a synthetic checkpoint of `preset`'s shape and convert it; returns the MLX folder."""
+def peak_rss() -> int:
+    """The process's peak resident set in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024)
+
+
+def build(preset: str, work: Path, keep_release: bool) -> tuple[Path, Path | None]:
+    """Write a synthetic checkpoint of `preset`'s shape and convert it; returns the MLX folder
+    and the released one (None: deleted after converting)."""
     from gptoss_mlx.convert import convert
     from gptoss_mlx.convert.synthetic import preset_config, write_checkpoint
     from gptoss_mlx.convert.vocab import find_vocab
@@ -86,24 +96,39 @@ def build(preset: str, work: Path) -> Path:
     t = time.perf_counter()
     convert(src, dst)
     print(f"converted in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if keep_release:
+        return dst, src
     shutil.rmtree(src)
-    return dst
+    return dst, None
 
 
 def report(r: dict) -> None:
-    print(f"weights on disk   {r['weights_gb']:.2f} GiB ({r['folder']})")
+    print(f"weights           {r['weights_gb']:.2f} GiB ({r['folder']})")
     print(f"experts backend   {r['experts_backend']}")
     print(f"load time         {r['load_s']:.1f} s")
     print(f"MLX peak memory   {r['mlx_peak_after_load_gb']:.2f} GiB after load, "
           f"{r['mlx_peak_gb']:.2f} GiB after 2 tokens")
-    print(f"process peak RSS  {r['peak_rss_gb']:.2f} GiB")
+    print(f"process peak RSS  {r['peak_rss_after_load_gb']:.2f} GiB after load, "
+          f"{r['peak_rss_gb']:.2f} GiB after 2 tokens")
     print(f"token 1 (prefill of 4) {r['first_token_s']:.2f} s, token 2 {r['second_token_s']:.2f} s")
+
+
+def run(folder: Path, experts: str) -> dict:
+    """`measure` in a fresh process (so that its peak RSS is this folder's alone)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure-only", "--model", str(folder), "--experts", experts],
+        check=True, stdout=subprocess.PIPE, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, help="an existing converted folder to measure")
+    ap.add_argument("--model", help="an existing converted or released folder (or a Hugging "
+                    "Face repo id) to measure")
     ap.add_argument("--preset", default="20b", choices=["20b", "120b"])
+    ap.add_argument("--release", action="store_true", help="also load the synthetic release as "
+                    "it is and compare its peak memory with the converted folder's")
     ap.add_argument("--workdir", type=Path, help="where to write the synthetic model "
                     "(default: a temporary folder, deleted afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model")
@@ -116,17 +141,21 @@ def main() -> None:
         return
 
     work = None
-    folder = args.model
+    folder, release = args.model, None
     if folder is None:
         work = Path(tempfile.mkdtemp(prefix="gptoss-load-", dir=args.workdir))
-        folder = build(args.preset, work)
+        folder, release = build(args.preset, work, keep_release=args.release)
     try:
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure-only", "--model", str(folder),
-             "--experts", args.experts],
-            check=True, stdout=subprocess.PIPE, text=True,
-        ).stdout
-        report(json.loads(out.strip().splitlines()[-1]))
+        converted = run(folder, args.experts)
+        report(converted)
+        if release is not None:
+            print()
+            released = run(release, args.experts)
+            report(released)
+            for key, what in (("mlx_peak_after_load_gb", "MLX peak after load"),
+                              ("peak_rss_after_load_gb", "peak RSS after load")):
+                print(f"release / converted, {what}: {released[key]:.2f} / "
+                      f"{converted[key]:.2f} GiB = {released[key] / converted[key]:.3f}")
     finally:
         if work is not None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)

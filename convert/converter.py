@@ -73,12 +73,12 @@ def convert(
     source = resolve(src)
     if source.folder.resolve().is_relative_to(dst.resolve()):
         raise ConvertError(f"{dst}: must not be or contain the source folder {source.folder}")
-    cfg = _model_config(source)
+    cfg = model_config(source)
     plan = plan_conversion(source, cfg, dense_bits)
-    side_folders = _side_folders(source)
+    folders = side_folders(source)
     vocab_bytes = None  # before writing anything
     if cfg.vocab_size >= VOCAB_SIZE:
-        vocab_bytes = find_vocab(side_folders, vocab)
+        vocab_bytes = find_vocab(folders, vocab)
     elif progress:
         print(f"note: vocab_size {cfg.vocab_size} is below o200k_harmony's {VOCAB_SIZE} token "
               "ids (a test model): no tokenizer written", file=sys.stderr)
@@ -100,7 +100,7 @@ def convert(
 
             write_sharded(tmp, specs, source_of, max_shard_bytes, metadata={"format": "mlx"})
             _write_json(tmp / "config.json", output_config(source, cfg, dense_bits))
-            copy_release_files(side_folders, tmp, vocab_bytes)
+            copy_release_files(folders, tmp, vocab_bytes)
     except SafetensorsError as e:
         raise ConvertError(str(e)) from None
     except OSError as e:  # an unwritable DST (its parent a file, no permission, disk full, ...)
@@ -156,7 +156,8 @@ def output_config(source: Source, cfg: ModelConfig,
     return out
 
 
-def _model_config(source: Source) -> ModelConfig:
+def model_config(source: Source) -> ModelConfig:
+    """The source's config.json as a ModelConfig; ConvertError naming the file otherwise."""
     try:
         return ModelConfig.from_dict(source.config)
     except (ConfigError, TypeError, ValueError) as e:
@@ -199,7 +200,7 @@ def _hf_pieces(source: Source, cfg: ModelConfig) -> dict[str, Piece]:
     return out
 
 
-def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes | None) -> None:
+def copy_release_files(folders: list[Path], dst: Path, vocab: bytes | None) -> None:
     """Write `vocab` (o200k_base.tiktoken's bytes) and copy the release's tokenizer and
     generation files into `dst` unchanged, each from the first side folder holding it; a source
     without a tokenizer.json (an `original/` folder) gets them generated from `vocab` first, so
@@ -208,16 +209,16 @@ def copy_release_files(side_folders: list[Path], dst: Path, vocab: bytes | None)
         names: tuple[str, ...] = (GENERATION_CONFIG,)
     else:
         (dst / VOCAB_FILENAME).write_bytes(vocab)
-        if not any((f / "tokenizer.json").is_file() for f in side_folders):
+        if not any((f / "tokenizer.json").is_file() for f in folders):
             write_release_files(dst, vocab)
         names = RELEASE_FILES
     for name in names:
-        found = next((f / name for f in side_folders if (f / name).is_file()), None)
+        found = next((f / name for f in folders if (f / name).is_file()), None)
         if found is not None:
             shutil.copyfile(found, dst / name)
 
 
-def _side_folders(source: Source) -> list[Path]:
+def side_folders(source: Source) -> list[Path]:
     """Folders whose side files (tokenizer, vocabulary, generation config) belong to this
     checkpoint."""
     if source.layout == "original" and source.folder.name == "original":

@@ -20,7 +20,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 def load(path: str | os.PathLike[str], dtype: str = "bfloat16",
          experts: str | Callable[..., Any] = "auto",
          progress: bool = False) -> tuple[GptOss, Tokenizer | None]:
-    """`(model, tokenizer)` from a converted MLX folder (see gptoss_mlx.model.loader.load).
+    """`(model, tokenizer)` from a converted MLX folder, a released checkpoint folder (root
+    layout or original/) or a Hugging Face repo id (see gptoss_mlx.model.loader.load).
 
     `dtype`: "bfloat16" | "float16" | "float32"; `experts`: "auto" | "mlx" | "metal" or a
     callable with `gptoss_mlx.model.experts.moe`'s signature; `progress`: a loading bar on

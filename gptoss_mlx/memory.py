@@ -26,9 +26,10 @@ import click
 
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
-from gptoss_mlx.convert.safetensors_io import TensorSpec, read_header
+from gptoss_mlx.convert.safetensors_io import TensorSpec
 from gptoss_mlx.convert.source import ConvertError
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
+from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
 DEFAULT_PREFILL_CHUNK = 512
@@ -59,11 +60,9 @@ def tensor_part(name: str) -> str:
 
 
 def folder_specs(model_dir: str | Path) -> list[TensorSpec]:
-    """Every tensor of a model folder, from its safetensors headers alone."""
-    files = sorted(Path(model_dir).glob("model*.safetensors"))  # what the loader reads
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no model*.safetensors files")
-    return [t.spec for f in files for t in read_header(f).values()]
+    """Every tensor of a model folder as it loads (a release's: as converted), from the
+    safetensors headers alone."""
+    return open_weights(model_dir).specs()
 
 
 def loaded_nbytes(spec: TensorSpec, dtype: str = "bfloat16") -> int:
@@ -240,13 +239,14 @@ def plan_memory(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     fused_attention: bool | None = None,
 ) -> MemoryPlan:
-    """The memory a model folder needs at `max_context` tokens (default: the model's full
-    context), from its config.json and safetensors headers; nothing is loaded.
+    """The memory a model folder (converted, or a released checkpoint) needs at `max_context`
+    tokens (default: the model's full context), from its config.json and safetensors headers;
+    nothing is loaded.
 
     `fused_attention` (default: Metal available) drops the prefill attention-score buffer.
     """
-    cfg = ModelConfig.from_file(model_dir)
-    return plan_from_specs(cfg, folder_specs(model_dir), max_context, dtype=dtype,
+    weights = open_weights(model_dir)
+    return plan_from_specs(weights.config, weights.specs(), max_context, dtype=dtype,
                            prefill_chunk=prefill_chunk, fused_attention=fused_attention)
 
 

@@ -78,14 +78,14 @@ def one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
 
 def test_missing_model_folder(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    one_error_line(cli("generate", "-m", str(missing), "-p", "x"), str(missing), "does not exist")
+    one_error_line(cli("generate", "-m", str(missing), "-p", "x"), str(missing), "no such folder")
 
 
 def test_model_path_is_a_file(tiny_model_dir: Path) -> None:
     config = tiny_model_dir / "config.json"
     r = cli("generate", "-m", str(config), "-p", "x")
-    one_error_line(r, str(config), "is not a folder")
-    assert "does not exist" not in r.stderr
+    one_error_line(r, str(config), "not a folder")
+    assert "no such folder" not in r.stderr
 
 
 def test_folder_without_vocabulary(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.convert.converter import QUANTIZATION
 from gptoss_mlx.convert.layout import mlx_specs
 from gptoss_mlx.convert.synthetic import preset_config
 from gptoss_mlx.memory import (
@@ -30,10 +31,10 @@ GB = 1e9
 
 
 def write_sparse_folder(path: Path, config: dict) -> Path:
-    """A model folder whose one safetensors file has the MLX layout's header and sparse (unwritten)
-    data: the 20b shape's 13.8 GB take no disk."""
+    """A converted model folder (config.json with "quantization") whose one safetensors file has
+    the MLX layout's header and sparse (unwritten) data: the 20b shape's 13.8 GB take no disk."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps({**config, "quantization": QUANTIZATION}))
     header, offset = {}, 0
     for spec in mlx_specs(ModelConfig.from_dict(config)):
         header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),

@@ -71,13 +71,12 @@ def test_mismatched_shape_dtype_and_unexpected(small, tmp_path: Path) -> None:
     assert "unexpected model.layers.1.self_attn.extra" in msg
 
 
-def test_released_checkpoint_asks_for_conversion(small) -> None:
-    assert "convert it first" in load_error(small[0])
-
-
 def test_folder_without_config_or_weights(tmp_path: Path) -> None:
     assert "no config.json" in load_error(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(vocab_size=300)))
+    assert "no checkpoint found" in load_error(tmp_path)  # a release's config.json, no weights
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config(vocab_size=300),
+                                                      "quantization": {}}))
     assert "no model*.safetensors" in load_error(tmp_path)
     (tmp_path / "config.json").write_text("{")
     assert "not valid JSON" in load_error(tmp_path)

@@ -58,4 +58,4 @@ def test_serve_needs_a_model_folder(tmp_path: Path) -> None:
         [sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(tmp_path / "missing")],
         capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "does not exist" in proc.stderr
+    assert "no such folder" in proc.stderr

@@ -1,7 +1,8 @@
 """The harmony chat format for gpt-oss.
 
 - `tokenizer`: `load_tokenizer(model_dir)` -> `Tokenizer` (o200k_harmony from the folder's
-  `o200k_base.tiktoken`, offline), special-token ids, `STOP_TOKENS`, `StreamDecoder`.
+  `o200k_base.tiktoken`, or derived from its `tokenizer.json`, offline), special-token ids,
+  `STOP_TOKENS`, `StreamDecoder`.
 - `messages`: `Message` (one harmony message) and `ToolCall`.
 - `harmony`: `HarmonyRenderer` renders OpenAI-style chats (`render_chat`) or single messages
   through openai-harmony; `SystemOptions` (effort, date, cutoff, identity); `from_openai`,

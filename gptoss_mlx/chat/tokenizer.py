@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+import tempfile
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 VOCAB_FILENAME = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 VOCAB_SIZE = 201088
+TOKENIZER_JSON = "tokenizer.json"
+# Where a vocabulary derived from a release's tokenizer.json is kept (see `derived_vocab`).
+DERIVED_VOCAB = Path(tempfile.gettempdir()) / "gptoss-mlx-vocab" / VOCAB_FILENAME
 
 # o200k_base's pre-tokenisation regex (tiktoken_ext.openai_public.o200k_base).
 O200K_PATTERN = "|".join(
@@ -175,12 +179,38 @@ def _load_harmony(vocab_dir: Path) -> HarmonyEncoding:
         return _HARMONY_CACHE[key]
 
 
-def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer | None:
-    """The tokenizer of a model folder, or None when it holds no `o200k_base.tiktoken`.
+def load_tokenizer(*model_dirs: str | os.PathLike[str]) -> Tokenizer | None:
+    """The tokenizer of a model whose side files are in `model_dirs` (a converted folder; a
+    release's folder and, for `original/`, its root): their `o200k_base.tiktoken`, else one
+    derived from their `tokenizer.json`; None when they hold neither.
 
-    Raises VocabularyError when the file is there but is not o200k_base.
+    Raises VocabularyError when the vocabulary there is not o200k_base.
     """
-    path = Path(model_dir) / VOCAB_FILENAME
-    if not path.is_file():
-        return None
-    return Tokenizer(path)
+    folders = [Path(d) for d in model_dirs]
+    for folder in folders:
+        if (folder / VOCAB_FILENAME).is_file():
+            return Tokenizer(folder / VOCAB_FILENAME)
+    for folder in folders:
+        if (folder / TOKENIZER_JSON).is_file():
+            return Tokenizer(derived_vocab(folder / TOKENIZER_JSON))
+    return None
+
+
+def derived_vocab(tokenizer_json: Path) -> Path:
+    """`o200k_base.tiktoken` derived from a release's `tokenizer.json`, kept in one cache file
+    (its bytes are fixed by VOCAB_SHA256, so every model shares it) and reused."""
+    cached = DERIVED_VOCAB.is_file() and hashlib.sha256(DERIVED_VOCAB.read_bytes()).hexdigest()
+    if cached == VOCAB_SHA256:
+        return DERIVED_VOCAB
+    from gptoss_mlx.convert.source import ConvertError
+    from gptoss_mlx.convert.vocab import vocab_from_tokenizer_json  # the derivation (issue 11)
+
+    try:
+        data = vocab_from_tokenizer_json(tokenizer_json)
+    except ConvertError as e:
+        raise VocabularyError(str(e)) from None
+    DERIVED_VOCAB.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DERIVED_VOCAB.with_name(f".{VOCAB_FILENAME}.{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(DERIVED_VOCAB)
+    return DERIVED_VOCAB

@@ -18,9 +18,9 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 
 
 @click.command("bench")
-@click.option("-m", "--model", "model_path", required=True, metavar="DIR",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Converted MLX model folder.")
+@click.option("-m", "--model", "source", required=True, metavar="DIR|REPO",
+              help="Converted MLX model folder, released checkpoint folder (root layout or "
+                   "original/), or Hugging Face repo id (downloaded once).")
 @click.option("-p", "--n-prompt", default="512,2048", callback=_sizes, metavar="N[,N...]",
               help="Prefill tests (ppN): prompt sizes, comma-separated; empty for none.")
 @click.option("-n", "--n-gen", default="128", callback=_sizes, metavar="N[,N...]",
@@ -36,7 +36,7 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--compare", is_flag=True,
               help="Also run mlx-lm (mlx_lm.stream_generate) on the same folder; print the "
                    "speed ratios ours / mlx-lm. mlx-lm loads its own copy of the weights.")
-def bench_command(model_path: Path, n_prompt: list[int], n_gen: list[int], depth: list[int],
+def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
                   repetitions: int, experts: tuple[str, ...], compare: bool) -> None:
     """Benchmark prefill and decode on MODEL: tokens per second, time to first token, peak
     memory and decode's share of the chip's memory bandwidth. The table goes to stdout, progress
@@ -45,10 +45,15 @@ def bench_command(model_path: Path, n_prompt: list[int], n_gen: list[int], depth
 
     from gptoss_mlx import bench, load
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
+    from gptoss_mlx.model.weights import ModelLoadError, locate
 
     tests = bench.llama_bench_tests(n_prompt, n_gen, depth)
     if not tests:
         raise click.UsageError("nothing to run: give at least one --n-prompt or --n-gen size")
+    try:
+        model_path = locate(source)  # a repo id: its local copy (downloaded once)
+    except ModelLoadError as e:
+        raise click.ClickException(str(e)) from None
     longest = max(t.n_prompt + t.depth + t.n_gen + 1 for t in tests)
     try:
         plan = ensure_fits(model_path, longest)
@@ -74,8 +79,8 @@ def bench_command(model_path: Path, n_prompt: list[int], n_gen: list[int], depth
     if compare:
         try:
             runtimes.append(bench.MlxLmRuntime(model_path))
-        except OSError as e:
-            raise click.ClickException(str(e)) from None
+        except (ValueError, OSError, KeyError, RuntimeError) as e:  # e.g. an original/ release
+            raise click.ClickException(f"mlx-lm cannot load {model_path}: {e}") from None
 
     cfg, specs = plan.config, plan.specs
     device, bandwidth = bench.device_bandwidth()
@@ -88,7 +93,7 @@ def bench_command(model_path: Path, n_prompt: list[int], n_gen: list[int], depth
         return sum(bench.bytes_per_token(cfg, specs, test.depth + test.n_gen // 2).values())
 
     size = sum(s.nbytes for s in specs)
-    click.echo(bench.format_table(results, model_path.name, size, decode_bytes, bandwidth))
+    click.echo(bench.format_table(results, Path(source).name, size, decode_bytes, bandwidth))
     for test in tests:
         if test.n_gen:
             click.echo(f"{test.name}: {decode_bytes(test) / 1e9:.3f} GB read per token", err=True)

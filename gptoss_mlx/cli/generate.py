@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
@@ -78,8 +77,9 @@ def interruptible(f: Callable[..., Any]) -> Callable[..., Any]:
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `generate` and `chat`: model, harmony system/developer, sampling."""
     decorators = [
-        click.option("-m", "--model", "model_path", required=True, metavar="DIR",
-                     help="Converted MLX model folder (with o200k_base.tiktoken)."),
+        click.option("-m", "--model", "model_path", required=True, metavar="DIR|REPO",
+                     help="Converted MLX model folder, released checkpoint folder (root "
+                          "layout or original/), or Hugging Face repo id (downloaded once)."),
         click.option("--system", default=None,
                      help="Replace the system message's identity line "
                           "('You are ChatGPT, a large language model trained by OpenAI.')."),
@@ -159,21 +159,23 @@ def system_options(opts: dict[str, Any]) -> Any:
 
 
 def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
-    """Check the memory plan at `max_context` (setting Metal's wired limit), then load a
-    converted model and its tokenizer; fail with one clear line."""
-    from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME
+    """Check the memory plan at `max_context` (setting Metal's wired limit), then load a model
+    (a converted folder, a released checkpoint folder, or a Hugging Face repo id, downloaded
+    once into the hub cache) and its tokenizer; fail with one clear line."""
+    from gptoss_mlx.chat.tokenizer import TOKENIZER_JSON, VOCAB_FILENAME
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
+    from gptoss_mlx.model.weights import ModelLoadError, open_weights
 
-    path = Path(model_path)
-    if path.exists() and not path.is_dir():
-        raise click.ClickException(f"{path} is not a folder; expected a converted model folder")
-    if not path.is_dir():
-        raise click.ClickException(f"model folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise click.ClickException(f"{path} has no config.json; is it a converted model folder?")
-    if not (path / VOCAB_FILENAME).is_file():
+    try:
+        weights = open_weights(model_path)
+    except ModelLoadError as e:
+        raise click.ClickException(str(e)) from None
+    path = weights.folder  # for a repo id, its local copy from here on
+    if not any((d / f).is_file() for d in weights.side_folders
+               for f in (VOCAB_FILENAME, TOKENIZER_JSON)):
         raise click.ClickException(
-            f"{path} has no {VOCAB_FILENAME}; convert again with --vocab PATH to add the vocabulary"
+            f"{path} has no {VOCAB_FILENAME} (nor a {TOKENIZER_JSON} to derive it from); copy "
+            f"{VOCAB_FILENAME} into it, or convert again with --vocab PATH"
         )
     try:
         ensure_fits(path, max_context)

@@ -8,8 +8,9 @@ from gptoss_mlx.memory import max_context_option
 
 
 @click.command("serve")
-@click.option("-m", "--model", "model_path", required=True, metavar="DIR",
-              help="Converted MLX model folder (with o200k_base.tiktoken).")
+@click.option("-m", "--model", "model_path", required=True, metavar="DIR|REPO",
+              help="Converted MLX model folder, released checkpoint folder (root layout or "
+                   "original/), or Hugging Face repo id (downloaded once).")
 @click.option("--host", default="127.0.0.1",
               help="Address to bind; the default serves this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port.")

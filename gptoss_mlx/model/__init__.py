@@ -1,13 +1,15 @@
 """The gpt-oss model in MLX: architecture, YaRN RoPE, KV caches, experts backends, loader.
 
     model, tokenizer = gptoss_mlx.load("gpt-oss-20b-mlx")       # dtype="bfloat16", experts="auto"
+    model, tokenizer = gptoss_mlx.load("openai/gpt-oss-20b")    # or a release, as it is
     cache = model.make_cache()                                   # one cache per layer
     logits = model(mx.array([ids], dtype=mx.int32), cache=cache, last_only=True)  # [1, 1, V]
     trim_to(cache, n)       # keep the first n tokens (False: start over with make_cache())
 
 Modules: gpt_oss.py (the architecture), rope.py (YaRN as OpenAI's reference computes it),
 cache.py (KV caches and the trimming helpers), experts.py (the MoE function, its portable
-backend and the backend choice), loader.py (folders to models, ModelLoadError).
+backend and the backend choice), weights.py (a converted folder's tensors, or a release's
+through the converter's plan), loader.py (folders to models, ModelLoadError).
 """
 
 from .cache import trim_to

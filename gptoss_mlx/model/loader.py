@@ -1,6 +1,7 @@
-"""Load a converted MLX folder (ours, or an mlx-community gpt-oss one) into `GptOss`.
+"""Load a model folder into `GptOss`: a converted MLX folder (ours, or an mlx-community gpt-oss
+one), a released checkpoint as it is, or a Hugging Face repo id (see `weights`).
 
-A folder holds `config.json` (the Hugging Face config plus `quantization`) and
+A converted folder holds `config.json` (the Hugging Face config plus `quantization`) and
 `model*.safetensors` with mlx-lm's gpt_oss tensor names. Non-expert linear layers may be
 quantized (mlx-community folders: affine 8-bit or other `mlx_lm.convert -q` settings, recorded
 per layer in `config["quantization"]` or inferred from the tensor shapes).
@@ -8,7 +9,6 @@ per layer in `config["quantization"]` or inferred from the tensor shapes).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,20 +19,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from gptoss_mlx.config import ConfigError, ModelConfig
-
 from .experts import ENV_VAR, MoeFn, moe, resolve_backend, self_check
 from .gpt_oss import GptOss
+from .weights import ModelLoadError, ModelWeights, open_weights
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # The largest E8M0 expert scale byte a trained model can hold: 2^16 times FP4's largest value 6,
 # a weight of 393216, is far beyond any (released weights stay within a few units); 255 is nan.
 MAX_EXPERT_SCALE = 127 + 16
 _SHOWN = 6  # problems listed in one error line before "... and N more"
-
-
-class ModelLoadError(ValueError):
-    """A model folder that cannot be loaded: the message names the folder and the tensors."""
 
 
 def _infer_quantization(path: str, module: nn.Module, weights: dict[str, mx.array],
@@ -101,54 +96,23 @@ def _want(a: mx.array) -> str:
     return "float" if mx.issubdtype(a.dtype, mx.floating) else _dt(a)
 
 
-def _read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{folder}: no config.json (expected a converted MLX folder)"
-                             ) from None
-    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError before it
-        raise ModelLoadError(f"{folder}/config.json: not valid JSON ({e})") from None
-    try:
-        return ModelConfig.from_dict(raw), raw
-    except ConfigError as e:
-        raise ModelLoadError(f"{folder}/config.json: {e}") from None
-
-
-def _read_weights(folder: Path) -> dict[str, mx.array]:
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{folder}: no model*.safetensors files")
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mlx raises bare RuntimeError/ValueError on a bad file
-            raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
-    if any(n.endswith("gate_up_proj_blocks") for n in weights):
-        raise ModelLoadError(f"{folder}: this is a released checkpoint, not an MLX folder; "
-                             f"convert it first (gptoss-mlx convert)")
-    return weights
-
-
-def load_model(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn = "auto",
-               progress: bool = False) -> GptOss:
-    """Read a converted MLX gpt-oss folder into a `GptOss` model (weights evaluated).
+def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
+               experts: str | MoeFn = "auto", progress: bool = False) -> GptOss:
+    """Read a gpt-oss model (weights evaluated) from a converted MLX folder, a released
+    checkpoint folder (either layout), a Hugging Face repo id, or opened `ModelWeights`.
 
     `dtype` is the activation (and non-quantized weight) dtype: "bfloat16" (as released),
     "float16" or "float32" (for verification). `experts` picks the experts backend
     (see `experts.resolve_backend`). `progress` shows a bar on stderr while weights load.
     """
-    folder = Path(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder}: not a folder")
-    cfg, raw = _read_config(folder)
+    source = open_weights(path) if isinstance(path, (str, os.PathLike)) else path
+    folder = source.folder
     name, fn = resolve_backend(experts)
-    weights = _read_weights(folder)
-    model = GptOss(cfg, fn, name)
-    quantization = raw.get("quantization") or {}
+    weights = source.arrays()
+    model = GptOss(source.config, fn, name)
+    quantization = source.raw_config.get("quantization") or {}
     if not isinstance(quantization, dict):
         raise ModelLoadError(f"{folder}/config.json: quantization={quantization!r}: expected a "
                              "JSON object")
@@ -220,13 +184,15 @@ def _materialize(model: GptOss, progress: bool) -> None:
 
 def load(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn = "auto",
          progress: bool = False) -> tuple[GptOss, Any]:
-    """`(model, tokenizer)` from a converted folder; the tokenizer is None without a vocabulary."""
+    """`(model, tokenizer)` from a converted folder, a released checkpoint folder or a Hugging
+    Face repo id (see `load_model`); the tokenizer is None without a vocabulary."""
     from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, load_tokenizer
 
-    tokenizer = load_tokenizer(path)
-    if tokenizer is not None:  # a token id past the embedding would read outside it
-        cfg, _ = _read_config(Path(path))
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise ModelLoadError(f"{path}: {VOCAB_FILENAME} has {tokenizer.vocab_size} token ids "
-                                 f"but config.json's vocab_size is {cfg.vocab_size}")
-    return load_model(path, dtype, experts, progress), tokenizer
+    source = open_weights(path)
+    tokenizer = load_tokenizer(*source.side_folders)
+    if tokenizer is not None and tokenizer.vocab_size > source.config.vocab_size:
+        # a token id past the embedding would read outside it
+        raise ModelLoadError(f"{source.folder}: {VOCAB_FILENAME} has {tokenizer.vocab_size} "
+                             f"token ids but config.json's vocab_size is "
+                             f"{source.config.vocab_size}")
+    return load_model(source, dtype, experts, progress), tokenizer
