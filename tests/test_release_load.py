@@ -31,7 +31,7 @@ GREEDY = ("-p", "Hello there", "--max-tokens", "10", "--temperature", "0", "--ra
 def releases(tmp_path_factory: pytest.TempPathFactory, vocab_path: Path) -> dict[str, Path]:
     """Tiny releases of the same weights: the root layout beside original/ ("both"), original/
     alone (the model folder is the release root, or original/ itself), and their conversion.
-    The vocabulary is copied in (the runtime derives it from tokenizer.json otherwise)."""
+    Like the real release they carry tokenizer.json and no o200k_base.tiktoken."""
     root = tmp_path_factory.mktemp("release")
     cfg = tiny_config()
     both = write_checkpoint(root / "both", cfg, layout="both", seed=3, vocab=vocab_path)
@@ -133,7 +133,7 @@ def test_a_broken_release_is_one_line_naming_file_and_tensor(
 
 def test_no_vocabulary_beside_the_release(releases: dict[str, Path], tmp_path: Path) -> None:
     folder = shutil.copytree(releases["original"], tmp_path / "r",
-                             ignore=shutil.ignore_patterns("*.tiktoken"))
+                             ignore=shutil.ignore_patterns("*.tiktoken", "tokenizer.json"))
     r = run_generate(str(folder))
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -144,15 +144,10 @@ def test_vocabulary_derived_from_tokenizer_json(
         releases: dict[str, Path], vocab_path: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A release carries tokenizer.json, not o200k_base.tiktoken: the runtime derives it."""
-    vocab = pytest.importorskip("gptoss_mlx.convert.vocab")
-    if not hasattr(vocab, "vocab_from_tokenizer_json"):
-        pytest.skip("needs gptoss_mlx.convert.vocab.vocab_from_tokenizer_json (issue 11 item 2)")
-    from gptoss_mlx.bench import o200k_harmony_hf_tokenizer
     from gptoss_mlx.chat import tokenizer as tok
 
-    folder = shutil.copytree(releases["original"], tmp_path / "r",
-                             ignore=shutil.ignore_patterns("*.tiktoken"))
-    o200k_harmony_hf_tokenizer(vocab_path).save(str(folder / "tokenizer.json"))
+    folder = releases["original"]
+    assert not list(folder.rglob("*.tiktoken")) and (folder / "tokenizer.json").is_file()
     monkeypatch.setattr(tok, "DERIVED_VOCAB", tmp_path / "cache" / tok.VOCAB_FILENAME)
     loaded = tok.load_tokenizer(folder / "original", folder)
     assert loaded is not None
