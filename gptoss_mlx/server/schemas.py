@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from gptoss_mlx.chat.harmony import normalize_effort
 
@@ -20,6 +21,30 @@ def _effort(value: str | None) -> str | None:
 
 # An optional reasoning effort, normalised (and checked) by `normalize_effort`.
 Effort = Annotated[str | None, AfterValidator(_effort)]
+
+
+def _surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _surrogate_at(key, path) is not None:
+                return where
+            if (found := _surrogate_at(item, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _surrogate_at(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 class _Lenient(BaseModel):
@@ -128,9 +153,22 @@ class SamplingFields(_Lenient):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     reasoning: Reasoning | None = None
     tool_choice: ToolChoice | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Text must be valid Unicode: JSON can carry a lone surrogate (`"\\ud800"`), which no
+        tokenizer or UTF-8 encoder accepts."""
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "text must be valid Unicode, but it holds a lone surrogate (an unpaired "
+                "\\ud800-\\udfff escape)", {"param": where})
+        return data
 
 
 class ChatCompletionRequest(SamplingFields):
