@@ -23,7 +23,7 @@ from gptoss_mlx import __version__
 from gptoss_mlx.server.chat_completions import chat_completions
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError, context_length_exceeded, install_error_handlers
-from gptoss_mlx.server.guard import APIKeyGuard
+from gptoss_mlx.server.guard import RequestGuard
 from gptoss_mlx.server.prompt_bound import prompt_texts, tokens_at_least
 from gptoss_mlx.server.responses import responses
 from gptoss_mlx.server.schemas import ChatCompletionRequest, ResponsesRequest
@@ -86,11 +86,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
         finally:
             engine.stop()
 
-    app = FastAPI(title="gptoss-mlx", version=__version__, lifespan=lifespan,
-                  max_body_size=max_body_bytes)
+    app = FastAPI(title="gptoss-mlx", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.model_id = model_id
-    app.add_middleware(APIKeyGuard, api_key=api_key)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
     created = int(time.time())
     other_ids: set[str] = set()

@@ -145,12 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        if exc.status_code == 413:
-            detail = ("The request body is larger than this server accepts "
-                      f"({request.app.max_body_size} bytes; `serve --max-body-size`).")
         return APIError(exc.status_code, detail, code=codes.get(exc.status_code),
                         headers=getattr(exc, "headers", None)).response()
 
