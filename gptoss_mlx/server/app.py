@@ -31,6 +31,9 @@ from gptoss_mlx.server.schemas import ChatCompletionRequest, ResponsesRequest
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 _SIZE_BY_LAYERS = {24: "20b", 36: "120b"}
 log = logging.getLogger("gptoss_mlx.server")
+# One server-sent event as OpenAPI tools read a stream: the `data` line, and an `event` name.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 Body = TypeVar("Body", ChatCompletionRequest, ResponsesRequest)
 Handler = Callable[[Request, Body, Engine, str], Awaitable[JSONResponse | StreamingResponse]]
 
@@ -148,14 +151,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
 
 def _document_errors(app: FastAPI, keyed: bool) -> None:
     """Make the OpenAPI description say what the server answers: bad input is a 400 with an
-    OpenAI error body (FastAPI would list 422), and with a key every path needs the bearer."""
+    OpenAI error body (FastAPI would list 422), a generation answers JSON or, streamed, server-
+    sent events, and with a key every path needs the bearer."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             for path in schema.get("paths", {}).values():
-                for operation in path.values():
+                for method, operation in path.items():
                     operation.get("responses", {}).pop("422", None)
+                    if method == "post":
+                        content = operation["responses"]["200"]["content"]
+                        content["text/event-stream"] = {"schema": _SSE_EVENT}
             schemas = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)

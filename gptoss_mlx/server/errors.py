@@ -118,7 +118,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "lone_surrogate":
         param = first["ctx"]["param"]
         return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param,
-                           code="invalid_value")
+                           code="invalid_unicode")
     if first.get("type") == "json_invalid":
         return bad_request(
             "We could not parse the JSON body of your request: "

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
-from gptoss_mlx.chat.harmony import normalize_effort
+from gptoss_mlx.chat.harmony import REASONING_EFFORT_ALIASES, normalize_effort
 
 
 def _effort(value: str | None) -> str | None:
     return None if value is None else normalize_effort(value)
 
 
-# An optional reasoning effort, normalised (and checked) by `normalize_effort`.
-Effort = Annotated[str | None, AfterValidator(_effort)]
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" for c in word)
+
+
+# An optional reasoning effort, normalised (and checked) by `normalize_effort`; the OpenAPI
+# description states the same rule (any case, surrounding blanks) as a pattern.
+_EFFORT_PATTERN = rf"^\s*({'|'.join(map(_any_case, REASONING_EFFORT_ALIASES))})\s*$"
+Effort = Annotated[str, AfterValidator(_effort),
+                   WithJsonSchema({"type": "string", "pattern": _EFFORT_PATTERN})] | None
 
 
 def _surrogate_at(value: Any, path: str) -> str | None:
@@ -71,6 +78,11 @@ class FunctionDefinition(_Lenient):
 
 class ChatTool(_Lenient):
     """A chat-completions tool; only `type: function` ones reach the model."""
+
+    # the rule `_function_given` checks, for the OpenAPI description
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"required": ["function"]},
+        {"required": ["type"], "properties": {"type": {"not": {"const": "function"}}}}]})
 
     type: str = "function"
     function: FunctionDefinition | None = None
