@@ -81,7 +81,7 @@ class ChatTool(_Lenient):
 
     # the rule `_function_given` checks, for the OpenAPI description
     model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
-        {"required": ["function"]},
+        {"required": ["function"], "properties": {"function": {"type": "object"}}},
         {"required": ["type"], "properties": {"type": {"not": {"const": "function"}}}}]})
 
     type: str = "function"
