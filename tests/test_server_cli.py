@@ -197,3 +197,24 @@ def _read_to_end(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
+
+
+def test_max_concurrent_is_planned_against_memory(tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each running generation has its own KV cache: the default runs as many as fit beside
+    the weights, and a number that does not fit is refused before loading."""
+    import click
+
+    from gptoss_mlx.cli.serve import plan_concurrency
+    from gptoss_mlx.memory import plan_memory
+
+    plan = plan_memory(tiny_model_dir, 4096)
+    room_for_three = plan.total + 2 * plan.kv_cache + plan.kv_cache // 2
+    monkeypatch.setenv("GPTOSS_MLX_WORKING_SET", str(room_for_three))
+    model = str(tiny_model_dir)
+    assert plan_concurrency(model, 4096, 2, None) == 3
+    assert plan_concurrency(model, 4096, 1, 2) == 2
+    with pytest.raises(click.ClickException, match="4 KV caches .* 3 do"):
+        plan_concurrency(model, 4096, 2, 4)
+    with pytest.raises(click.ClickException, match="5 KV caches"):
+        plan_concurrency(model, 4096, 5, None)  # the prompt cache's slots count too
