@@ -334,7 +334,7 @@ def test_docs_and_openapi_need_the_key(served: Served) -> None:
 
 # -- the OpenAPI description against a schema-driven fuzzer ---------------------------------
 
-FUZZED = [("/v1/chat/completions", "POST", 80), ("/v1/responses", "POST", 80),
+FUZZED = [("/v1/chat/completions", "POST", 100), ("/v1/responses", "POST", 100),
           ("/v1/models", "GET", 10), ("/v1/models/{name}", "GET", 20)]
 
 

@@ -29,6 +29,7 @@ from gptoss_mlx.server.responses import responses
 from gptoss_mlx.server.schemas import ChatCompletionRequest, ResponsesRequest
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+_LOGGED_IDS = 64  # other model ids noted in the log (each once), so the set stays small
 _SIZE_BY_LAYERS = {24: "20b", 36: "120b"}
 log = logging.getLogger("gptoss_mlx.server")
 # One server-sent event as OpenAPI tools read a stream: the `data` line, and an `event` name.
@@ -105,7 +106,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
 
     async def generate(handler: Handler, request: Request, body: Body,
                        texts: list[str], param: str) -> JSONResponse | StreamingResponse:
-        if body.model and body.model != model_id and body.model not in other_ids:
+        if body.model and body.model != model_id and body.model not in other_ids and \
+                len(other_ids) < _LOGGED_IDS:
             other_ids.add(body.model)
             log.warning("requests for model %r are served by %s, the model this server runs",
                         body.model, model_id)
