@@ -388,3 +388,26 @@ def _request_body_schema(description: dict[str, Any], path: str) -> Any:
     ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     return jsonschema.Draft202012Validator(
         {"$ref": ref, "components": description["components"]})
+
+
+def test_engine_serves_again_after_a_shutdown(served: Served) -> None:
+    """shutdown (the signal) then stop (the lifespan) leave wake-ups in the queue; a restarted
+    engine must not take them for a new shutdown."""
+    import asyncio
+
+    from gptoss_mlx.sampling import SamplingParams
+
+    engine = Engine(served.engine.model, served.engine.tokenizer)
+    prompt = engine.renderer.render_chat(HI)
+
+    async def generate() -> list[Any]:
+        async with engine.admitted():
+            job = engine.submit(prompt, sampling=SamplingParams(seed=0), max_tokens=2)
+        return [event async for event in job.events()]
+
+    for _ in range(2):
+        engine.start()
+        events = asyncio.run(asyncio.wait_for(generate(), 30))
+        assert len(events) == 3  # two tokens, then Done
+        engine.shutdown()
+        engine.stop()

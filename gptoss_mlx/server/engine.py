@@ -146,6 +146,13 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             self._stopping.clear()
             self.admission.open()
+            waiting = []  # jobs without the wake-ups a shutdown left behind
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    waiting.append(self._jobs.get_nowait())
+            for job in waiting:
+                if job is not None:
+                    self._jobs.put(job)
             self._thread = threading.Thread(target=self._work, name="gptoss-engine", daemon=True)
             self._thread.start()
 
