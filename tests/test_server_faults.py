@@ -410,4 +410,5 @@ def test_engine_serves_again_after_a_shutdown(served: Served) -> None:
         events = asyncio.run(asyncio.wait_for(generate(), 30))
         assert len(events) == 3  # two tokens, then Done
         engine.shutdown()
+        time.sleep(1)  # the worker exits before the lifespan's stop wakes it again
         engine.stop()
