@@ -602,9 +602,10 @@ def test_queued_stream_gets_keepalives(server: Server, monkeypatch: pytest.Monke
     short = {"messages": [{"role": "user", "content": "Short"}], "stream": True, "max_tokens": 2}
     with server.scripted(context=None) as model:
         busy = [_open(server, long)[0] for _ in range(server.engine.caches.size)]
-        waiting, head = _open(server, short, until=b": keep-alive")  # queued: no slot is free
+        # it waits for its first token behind the others' turns
+        waiting, head = _open(server, short, until=b": keep-alive")
         assert b"data: [DONE]" not in head
-        _kill(busy.pop())  # cancels one long generation, so the queued one runs
+        _kill(busy.pop())
         waiting.settimeout(30)
         tail = b""
         while b"data: [DONE]" not in head + tail:

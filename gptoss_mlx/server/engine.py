@@ -1,13 +1,15 @@
 """The one thread that runs the model, taking turns between the requests it serves.
 
 MLX must not evaluate graphs from several threads at once, so every request becomes a `Job` on
-one first-come first-served queue, and a single worker thread runs the generations: up to one per
-prompt-cache slot at a time, round-robin one token each, so a long generation does not hold the
-others back; further jobs wait in the queue. The event loop reads a job's events through
-`Job.events()`; cancelling a job (the client went away, a stop string matched) ends its
-generation at the worker's next turn.
+one first-come first-served queue, and a single worker thread runs all the generations admitted,
+round-robin one token each, each with its own KV cache (a prompt-cache slot when one is free, a
+fresh cache otherwise), so a long generation does not hold the others back. How many run at once
+and how many requests wait is bounded on the event loop by `Admission` (a 429 beyond that). The
+event loop reads a job's events through `Job.events()`; cancelling a job (the client went away, a
+stop string matched) ends its generation at the worker's next turn; `shutdown` ends them all.
 
-    job = engine.submit(prompt_ids, sampling=SamplingParams(), max_tokens=None)
+    async with engine.admitted():         # a generation slot, or APIError 429/503
+        job = engine.submit(prompt_ids, sampling=SamplingParams(), max_tokens=None)
     try:
         async for event in job.events():      # TokenEvent ..., then Done
             ...
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_mlx.chat.forcing import ToolCallForcing
@@ -32,16 +35,21 @@ from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import (
     DEFAULT_PREFILL_CHUNK,
     Done,
+    GenerationStats,
     PromptCache,
     TokenEvent,
     context_limit,
     stream,
 )
 from gptoss_mlx.sampling import SamplingParams
+from gptoss_mlx.server.admission import Admission, Ticket
+from gptoss_mlx.server.errors import shutting_down
 from gptoss_mlx.server.prompt_cache import PromptCachePool
 
 _END = object()
 log = logging.getLogger("gptoss_mlx.server")
+# The ticket of the request being handled; `submit` hands it to the job, whose end releases it.
+_TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("ticket", default=None)
 
 
 class Job:
@@ -61,6 +69,7 @@ class Job:
         self.forcing = forcing
         self.cancelled = threading.Event()
         self.cached_tokens = 0  # the prefix the prompt cache supplies (set when it starts)
+        self.ticket: Ticket | None = None
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -83,6 +92,13 @@ class Job:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    def end(self) -> None:
+        """Close the event stream and give the generation slot back (worker thread)."""
+        self.emit(_END)
+        if self.ticket is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.ticket.release)
+
 
 class Engine:
     """Owns the model, its tokenizer and prompt caches, and the worker thread that uses them.
@@ -96,15 +112,22 @@ class Engine:
         tokenizer: Tokenizer,
         *,
         cache_slots: int = 2,
+        max_concurrent: int = 8,
+        max_queue: int = 16,
+        queue_timeout: float = 30.0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         current_date: str | None = None,
         max_context: int | None = None,
     ):
+        """`cache_slots` prompt caches are kept between requests; up to `max_concurrent`
+        generations run at once (each with its own KV cache: plan the memory for it), up to
+        `max_queue` requests wait for one, each at most `queue_timeout` seconds."""
         self.model = model
         self.max_context = max_context
         self.tokenizer = tokenizer
         self.renderer = HarmonyRenderer(tokenizer)
         self.caches = PromptCachePool(model, cache_slots)
+        self.admission = Admission(max_concurrent, max_queue, queue_timeout)
         self.prefill_chunk = prefill_chunk
         # One date for the server's lifetime keeps rendered system prompts, and so the cached
         # prefixes, identical across requests.
@@ -122,24 +145,61 @@ class Engine:
         """Start the worker thread (idempotent)."""
         if self._thread is None or not self._thread.is_alive():
             self._stopping.clear()
+            self.admission.open()
+            waiting = []  # jobs without the wake-ups a shutdown left behind
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    waiting.append(self._jobs.get_nowait())
+            for job in waiting:
+                if job is not None:
+                    self._jobs.put(job)
             self._thread = threading.Thread(target=self._work, name="gptoss-engine", daemon=True)
             self._thread.start()
 
+    def shutdown(self) -> None:
+        """Refuse new requests and end the running generations now, each with a last Done as if
+        a length limit cut it (safe to call from a signal handler or any thread)."""
+        self._stopping.set()
+        self._jobs.put(None)  # wakes a worker waiting for work
+        loop = self.admission.loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self.admission.close)
+
     def stop(self, timeout: float | None = 10.0) -> None:
-        """End the running generations and stop the worker."""
+        """`shutdown`, then wait for the worker to exit."""
         if self._thread is not None:
-            self._stopping.set()
-            self._jobs.put(None)  # wakes a worker waiting for work
+            self.shutdown()
             self._thread.join(timeout)
             self._thread = None
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Hold a generation slot while the block runs (APIError 429 when none comes in time,
+        503 while shutting down); a job `submit` creates in the block keeps it until it ends."""
+        ticket = await self.admission.enter()
+        token = _TICKET.set(ticket)
+        try:
+            yield
+        finally:
+            _TICKET.reset(token)
+            if not ticket.claimed:
+                ticket.release()
 
     def submit(
         self, prompt: Sequence[int], *, sampling: SamplingParams, max_tokens: int | None,
         forcing: ToolCallForcing | None = None,
     ) -> Job:
-        """Queue a generation; call from a coroutine (events go to the running loop).
-        `forcing` makes the answer a function call (tool_choice "required" or named)."""
+        """Queue a generation; call from a coroutine (events go to the running loop), inside
+        `admitted()` to count against the limits. `forcing` makes the answer a function call
+        (tool_choice "required" or named)."""
+        if self._stopping.is_set():
+            raise shutting_down()
         job = Job(prompt, sampling, max_tokens, asyncio.get_running_loop(), forcing)
+        ticket = _TICKET.get()
+        if ticket is not None and not ticket.claimed:
+            ticket.claimed = True
+            job.ticket = ticket
         self._jobs.put(job)
         return job
 
@@ -148,16 +208,16 @@ class Engine:
         while True:
             if self._stopping.is_set() or not self._admit(active):
                 for run in active:
-                    self._finish(run)
+                    self._interrupt(run)
+                self._drain()
                 return
             active[:] = [run for run in active if self._step(run)]
 
     def _admit(self, active: list[_Running]) -> bool:
-        """Start queued jobs while a cache slot is free, blocking only when nothing runs.
-
-        Returns False when `stop` asked the worker to exit.
+        """Start every queued job, blocking only when nothing runs (the admission on the event
+        loop bounds how many there are). Returns False when `shutdown` asked the worker to exit.
         """
-        while len(active) < self.caches.size:
+        while True:
             try:
                 job = self._jobs.get(block=not active)
             except queue.Empty:
@@ -165,7 +225,7 @@ class Engine:
             if job is None:
                 return False
             if job.cancelled.is_set():
-                job.emit(_END)
+                job.end()
                 continue
             cache = self.caches.acquire(job.prompt, busy=[run.cache for run in active])
             job.cached_tokens = cache.reuse(job.prompt)  # stream's prefill finds it trimmed
@@ -181,12 +241,12 @@ class Engine:
                 logits_processors=[job.forcing] if job.forcing else (),
             )
             active.append(_Running(job, cache, events))
-        return True
 
     def _step(self, run: _Running) -> bool:
         """Advance one generation by one event; False when it is over."""
         if run.job.cancelled.is_set():
-            log.info("request cancelled after %d prompt tokens", len(run.job.prompt))
+            log.info("generation ended early after %d tokens (client gone or stop string)",
+                     len(run.tokens))
             self._finish(run)
             return False
         try:
@@ -202,12 +262,37 @@ class Engine:
         run.job.emit(event)
         if isinstance(event, Done):
             log.info("%s; finish: %s", event.stats.summary(), event.stats.finish_reason)
+            self._finish(run)
+            return False
+        run.tokens.append(event.token)
         return True
 
     @staticmethod
     def _finish(run: _Running) -> None:
         run.events.close()  # leaves the cache consistent with its tokens
-        run.job.emit(_END)
+        run.job.end()
+
+    def _interrupt(self, run: _Running) -> None:
+        """End a generation the server stops: a Done cut off as by a length limit."""
+        run.events.close()
+        if not run.job.cancelled.is_set():
+            stats = GenerationStats(prompt_tokens=len(run.job.prompt),
+                                    cached_tokens=run.job.cached_tokens,
+                                    generated_tokens=len(run.tokens), finish_reason="length")
+            run.job.emit(Done([], list(run.tokens), stats))
+        run.job.end()
+
+    def _drain(self) -> None:
+        """End the jobs still queued when the worker stops (nothing generated for them)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit(Done([], [], GenerationStats(prompt_tokens=len(job.prompt),
+                                                      finish_reason="length")))
+                job.end()
 
 
 @dataclass
@@ -217,3 +302,4 @@ class _Running:
     job: Job
     cache: PromptCache
     events: Generator[TokenEvent | Done, None, None]
+    tokens: list[int] = field(default_factory=list)  # generated so far

@@ -22,8 +22,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.type = type
@@ -41,9 +43,17 @@ class APIError(Exception):
             }
         }
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+    def response(self) -> JSONResponse:
         """The error as an HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote text that is not valid UTF-8 (a lone
+    surrogate from a client's JSON), which must not turn the 400 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -51,11 +61,26 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def context_length_exceeded(prompt_tokens: int, context: int, param: str) -> APIError:
-    """The 400 for a prompt the model's context cannot hold with room for an answer."""
+def server_busy(message: str, retry_after: int) -> APIError:
+    """The 429 for a request the server has no room for now."""
+    return APIError(429, message, type="requests", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def shutting_down() -> APIError:
+    """The 503 for a request that arrives or waits while the server stops."""
+    return APIError(503, "The server is shutting down; retry against a running server.",
+                    type="server_error", code="server_shutting_down")
+
+
+def context_length_exceeded(prompt_tokens: int, context: int, param: str,
+                            at_least: bool = False) -> APIError:
+    """The 400 for a prompt the model's context cannot hold with room for an answer
+    (`at_least`: `prompt_tokens` is a lower bound, the text was not tokenized to its end)."""
+    count = f"at least {prompt_tokens}" if at_least else f"{prompt_tokens}"
     return bad_request(
         f"This model's maximum context length is {context} tokens. However, your request has "
-        f"{prompt_tokens} input tokens. Please reduce the length of the input.",
+        f"{count} input tokens. Please reduce the length of the input.",
         param=param,
         code="context_length_exceeded",
     )
@@ -75,10 +100,25 @@ def _param(loc: tuple | list) -> str | None:
     return param or None
 
 
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: the first, unless a value failed several members of a union (one
+    error per member, at the same field): then the member that got furthest (`too_long`, not
+    the `string_type` of the member it was never meant for)."""
+    if not errors:
+        return {"msg": "invalid request", "loc": ()}
+    first = errors[0]
+    same_field = [e for e in errors if _param(e.get("loc", ())) == _param(first.get("loc", ()))]
+    specific = [e for e in same_field if not str(e.get("type", "")).endswith("_type")]
+    return specific[0] if specific else first
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """One clear 400 from pydantic's list of errors (the first one, with its field path)."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    """One clear 400 from pydantic's list of errors (with its field path)."""
+    first = _first_error(list(exc.errors()))
+    if first.get("type") == "lone_surrogate":
+        param = first["ctx"]["param"]
+        return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param,
+                           code="invalid_unicode")
     if first.get("type") == "json_invalid":
         return bad_request(
             "We could not parse the JSON body of your request: "
@@ -106,10 +146,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "unknown_url", 405: "method_not_allowed"}
+        codes = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        err = APIError(exc.status_code, detail, code=codes.get(exc.status_code))
-        return err.response(headers=getattr(exc, "headers", None))
+        return APIError(exc.status_code, detail, code=codes.get(exc.status_code),
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

@@ -9,17 +9,49 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
-from gptoss_mlx.chat.harmony import normalize_effort
+from gptoss_mlx.chat.harmony import REASONING_EFFORT_ALIASES, normalize_effort
 
 
 def _effort(value: str | None) -> str | None:
     return None if value is None else normalize_effort(value)
 
 
-# An optional reasoning effort, normalised (and checked) by `normalize_effort`.
-Effort = Annotated[str | None, AfterValidator(_effort)]
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" for c in word)
+
+
+# An optional reasoning effort, normalised (and checked) by `normalize_effort`; the OpenAPI
+# description states the same rule (any case, surrounding blanks) as a pattern.
+_EFFORT_PATTERN = rf"^\s*({'|'.join(map(_any_case, REASONING_EFFORT_ALIASES))})\s*$"
+Effort = Annotated[str, AfterValidator(_effort),
+                   WithJsonSchema({"type": "string", "pattern": _EFFORT_PATTERN})] | None
+
+
+def _surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _surrogate_at(key, path) is not None:
+                return where
+            if (found := _surrogate_at(item, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _surrogate_at(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
 
 
 class _Lenient(BaseModel):
@@ -46,6 +78,11 @@ class FunctionDefinition(_Lenient):
 
 class ChatTool(_Lenient):
     """A chat-completions tool; only `type: function` ones reach the model."""
+
+    # the rule `_function_given` checks, for the OpenAPI description
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"required": ["function"], "properties": {"function": {"type": "object"}}},
+        {"required": ["type"], "properties": {"type": {"not": {"const": "function"}}}}]})
 
     type: str = "function"
     function: FunctionDefinition | None = None
@@ -128,9 +165,22 @@ class SamplingFields(_Lenient):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     reasoning: Reasoning | None = None
     tool_choice: ToolChoice | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Text must be valid Unicode: JSON can carry a lone surrogate (`"\\ud800"`), which no
+        tokenizer or UTF-8 encoder accepts."""
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "text must be valid Unicode, but it holds a lone surrogate (an unpaired "
+                "\\ud800-\\udfff escape)", {"param": where})
+        return data
 
 
 class ChatCompletionRequest(SamplingFields):
