@@ -158,7 +158,8 @@ class Done:
     """The last event: parsed messages, generated token ids and stats.
 
     finish_reason: "stop" (`<|return|>`/`<|endoftext|>`), "tool_calls" (`<|call|>`),
-    "length" (max_tokens) or "context" (the context window is full).
+    "length" (max_tokens) or "context" (the context window is full); the server adds
+    "interrupted" for a generation it ends at shutdown.
     """
 
     messages: list[Message]

@@ -187,7 +187,8 @@ def test_sigterm_mid_stream_ends_the_streams_and_exits(tiny_model_dir: Path) -> 
     assert last.choices[0].finish_reason == "length"
     events = [json.loads(line[6:]) for line in tails[1].decode().splitlines()
               if line.startswith("data: ")]
-    assert events[-1]["type"] in ("response.incomplete", "response.failed")
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"]["reason"] is None  # not max_output_tokens
 
 
 def _read_to_end(sock: socket.socket) -> bytes:

@@ -273,12 +273,13 @@ class Engine:
         run.job.end()
 
     def _interrupt(self, run: _Running) -> None:
-        """End a generation the server stops: a Done cut off as by a length limit."""
+        """End a generation the server stops: a Done cut off ("interrupted")."""
         run.events.close()
         if not run.job.cancelled.is_set():
             stats = GenerationStats(prompt_tokens=len(run.job.prompt),
                                     cached_tokens=run.job.cached_tokens,
-                                    generated_tokens=len(run.tokens), finish_reason="length")
+                                    generated_tokens=len(run.tokens),
+                                    finish_reason="interrupted")
             run.job.emit(Done([], list(run.tokens), stats))
         run.job.end()
 
@@ -291,7 +292,7 @@ class Engine:
                 return
             if job is not None:
                 job.emit(Done([], [], GenerationStats(prompt_tokens=len(job.prompt),
-                                                      finish_reason="length")))
+                                                      finish_reason="interrupted")))
                 job.end()
 
 

@@ -33,6 +33,8 @@ from gptoss_mlx.server.transport import cancel_on_disconnect
 ItemKind = Literal["reasoning", "text", "tool_call"]
 _ID_PREFIX = {"reasoning": "rs", "text": "msg", "tool_call": "fc"}
 _CLOSING = STOP_TOKENS | {END}  # tokens that end a message properly
+# Generation ends that cut the output off: max_tokens, the context window, a server shutdown.
+CUT_OFF = frozenset({"length", "context", "interrupted"})
 
 
 def new_id(prefix: str) -> str:
@@ -157,7 +159,7 @@ class OutputBuilder:
         """
         if self.stopped:
             return "stop"
-        if generation_reason in ("length", "context"):
+        if generation_reason in CUT_OFF:
             return "length"
         return "tool_calls" if self.tool_calls else "stop"
 
@@ -233,7 +235,7 @@ class Generation:
             previous = event
         if previous is not None and not self.builder.stopped:
             reason = self.done.stats.finish_reason if self.done else ""
-            for out in self.builder.feed(previous, cut_off=reason in ("length", "context")):
+            for out in self.builder.feed(previous, cut_off=reason in CUT_OFF):
                 yield out
         for out in self.builder.finish():
             yield out
