@@ -24,11 +24,12 @@ def cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.Complete
 
 
 def copy_model(src: Path, dst: Path, *, vocab: bool = True, config: dict | None = None) -> Path:
-    """A model folder sharing `src`'s weights (symlinks), optionally without vocabulary or with
-    config.json fields replaced."""
+    """A model folder sharing `src`'s weights (symlinks), optionally without vocabulary (neither
+    o200k_base.tiktoken nor the tokenizer.json it can be derived from) or with config.json fields
+    replaced."""
     dst.mkdir()
     for f in src.iterdir():
-        if f.name == VOCAB_FILENAME and not vocab:
+        if f.name in (VOCAB_FILENAME, "tokenizer.json") and not vocab:
             continue
         if f.name == "config.json" and config:
             (dst / f.name).write_text(json.dumps({**json.loads(f.read_text()), **config}))
