@@ -196,7 +196,7 @@ inline bool run_group_threads() {
     });
   for (auto& t : threads) t.join();
   g_tg = nullptr;
-  return true;
+  return g_run->error.empty();
 }
 #else
 void barrier(int line, bool simd_only) {
@@ -279,6 +279,18 @@ inline void resume(Fiber& f) {
 
 inline std::string where(int line) { return "line " + std::to_string(line); }
 
+// A misuse the shim detects (e.g. a simdgroup_matrix operation with inactive lanes): the first one
+// is kept and the dispatch fails with it once the current scheduling round ends.
+#ifdef EMU_THREADS
+std::mutex g_report;
+#endif
+void report(int line, const char* what) {
+#ifdef EMU_THREADS
+  std::lock_guard<std::mutex> lock(g_report);
+#endif
+  if (g_run->error.empty()) g_run->error = std::string(what) + " at " + where(line);
+}
+
 // Runs one threadgroup to completion; returns false (with g_run->error set) on divergence.
 inline bool run_group(int schedule, std::mt19937_64& rng) {
   auto& fs = g_run->fibers;
@@ -289,6 +301,7 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
     if (schedule == 2) std::shuffle(order.begin(), order.end(), rng);
     for (size_t i : order)
       if (fs[i].state == READY) resume(fs[i]);
+    if (!g_run->error.empty()) return false;
     bool all_done = true, released = false;
     for (auto& f : fs) all_done &= f.state == DONE;
     if (all_done) return true;

@@ -2,6 +2,7 @@
 // `mx.fast.metal_kernel` to compile with g++ and run on the emulator's fibers (runtime.cpp).
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 
@@ -113,6 +114,7 @@ EMU_VEC_TYPES(ushort, ushort)
 EMU_VEC_TYPES(char, char)
 EMU_VEC_TYPES(uchar, uchar)
 EMU_VEC_TYPES(bool, bool)
+EMU_VEC_TYPES(ulong, ulong)
 #undef EMU_VEC_TYPES
 
 namespace emu {
@@ -133,6 +135,7 @@ void barrier(int line, bool simd_only);
 void simd_exchange(const void* value, int size, int line, unsigned char (**all)[32][32],
                    uint32_t* active, uint32_t* lane);
 void* tg_alloc(int slot, size_t bytes);
+void report(int line, const char* what);  // a kernel error: the dispatch fails with it
 }  // namespace emu
 
 namespace metal {
@@ -205,7 +208,7 @@ inline float tanh(float x) { return metal::tanh(x); }
 
 // SIMD-group collectives: every active lane posts its value, the fiber scheduler switches until
 // all lanes of the SIMD group stand at the same collective, then each lane reads every value.
-template <class T, class F> inline T emu_collective(T v, int line, F reduce) {
+template <class T, class F> inline auto emu_collective(T v, int line, F reduce) {
   static_assert(sizeof(T) <= 32, "collective value too large");
   unsigned char (*all)[32][32];
   uint32_t active, lane;
@@ -257,6 +260,137 @@ template <class T> inline T simd_shuffle_up(T v, ushort delta, int line = __buil
 template <class T> inline T simd_shuffle_xor(T v, ushort mask, int line = __builtin_LINE()) {
   return emu_collective(v, line,
                         [mask](const T* vals, uint32_t, uint32_t lane) { return vals[(lane ^ mask) & 31]; });
+}
+
+// simdgroup_matrix (8x8): each lane holds two elements, row r and columns c, c + 1 of the matrix,
+// at the coordinates Apple GPUs use (as MLX's steel MMA fragments document them). Loads, stores
+// and multiplies are SIMD-group collectives: every lane of a full SIMD group must reach the same
+// one with the same arguments, else the dispatch fails naming the line. A matrix not yet written
+// holds NaN poison.
+inline void emu_mat_coord(uint lane, uint& r, uint& c) {
+  const uint q = lane / 4u;
+  r = (q & 4u) + (lane / 2u) % 4u;
+  c = (q & 2u) * 2u + (lane % 2u) * 2u;
+}
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "msl_emulator: only 8x8 simdgroup matrices");
+  vec<T, 2> e;
+  simdgroup_matrix() { std::memset(&e, 0xFF, sizeof e); }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, Cols, Rows> m;
+  m.e = vec<T, 2>(value);
+  return m;
+}
+
+struct EmuMatArgs {
+  const void* ptr;
+  ulong elements_per_row;
+  ulong origin_x, origin_y;
+};
+struct EmuMatSync {
+  const char* problem;
+  uint lane;
+};
+// The collective part of a load or store: all 32 lanes present, the same arguments everywhere.
+// Returns the calling lane.
+inline uint emu_mat_sync(const void* ptr, ulong elements_per_row, ulong2 origin, bool transpose,
+                         const char* what, int line) {
+  EmuMatArgs args{ptr, elements_per_row * 2u + (transpose ? 1u : 0u), origin.x, origin.y};
+  const EmuMatSync sync = emu_collective(
+      args, line, [](const EmuMatArgs* all, uint32_t active, uint32_t lane) -> EmuMatSync {
+        if (active != 0xFFFFFFFFu) return {"with inactive lanes in the SIMD group", lane};
+        for (int i = 0; i < 32; ++i)
+          if (std::memcmp(&all[i], &all[lane], sizeof(EmuMatArgs)) != 0)
+            return {"with arguments that differ between lanes", lane};
+        return {nullptr, lane};
+      });
+  const char* problem = sync.problem;
+  if (problem) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s %s", what, problem);
+    emu::report(line, msg);
+  } else if (origin.x || origin.y) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s with a matrix_origin: not emulated, offset the pointer", what);
+    emu::report(line, msg);
+  }
+  return sync.lane;
+}
+
+template <class T, int Cols, int Rows>
+inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src,
+                           ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
+                           bool transpose_matrix = false, int line = __builtin_LINE()) {
+  const uint lane =
+      emu_mat_sync(src, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_load", line);
+  uint r, c;
+  emu_mat_coord(lane, r, c);
+  for (uint i = 0; i < 2u; ++i)
+    d.e[i] = transpose_matrix ? src[(c + i) * elements_per_row + r] : src[r * elements_per_row + c + i];
+}
+
+template <class T, int Cols, int Rows>
+inline void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, T* dst,
+                            ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
+                            bool transpose_matrix = false, int line = __builtin_LINE()) {
+  const uint lane =
+      emu_mat_sync(dst, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_store", line);
+  uint r, c;
+  emu_mat_coord(lane, r, c);
+  for (uint i = 0; i < 2u; ++i)
+    (transpose_matrix ? dst[(c + i) * elements_per_row + r] : dst[r * elements_per_row + c + i]) =
+        a.e[i];
+}
+
+// d = a * b + c: every lane posts its elements of a, b and c and computes its two of d
+// (products summed in float32 over k = 0..7).
+template <class T, int Cols, int Rows, int K>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
+                                          const simdgroup_matrix<T, K, Rows>& a,
+                                          const simdgroup_matrix<T, Cols, K>& b,
+                                          const simdgroup_matrix<T, Cols, Rows>& c,
+                                          int line = __builtin_LINE()) {
+  struct Parts {
+    vec<T, 2> a, b, c;
+  };
+  const Parts mine{a.e, b.e, c.e};
+  bool full = true;
+  d.e = emu_collective(mine, line, [&full](const Parts* all, uint32_t active, uint32_t lane) {
+    full = active == 0xFFFFFFFFu;
+    float A[8][8], B[8][8], C[8][8];
+    for (uint l = 0; l < 32u; ++l) {
+      uint r, c;
+      emu_mat_coord(l, r, c);
+      for (uint i = 0; i < 2u; ++i) {
+        A[r][c + i] = float(all[l].a[i]);
+        B[r][c + i] = float(all[l].b[i]);
+        C[r][c + i] = float(all[l].c[i]);
+      }
+    }
+    uint r, c;
+    emu_mat_coord(lane, r, c);
+    vec<T, 2> out;
+    for (uint i = 0; i < 2u; ++i) {
+      float s = C[r][c + i];
+      for (uint k = 0; k < 8u; ++k) s += A[r][k] * B[k][c + i];
+      out[i] = T(s);
+    }
+    return out;
+  });
+  if (!full) emu::report(line, "simdgroup_multiply_accumulate with inactive lanes in the SIMD group");
+}
+
+template <class T, int Cols, int Rows, int K>
+inline void simdgroup_multiply(simdgroup_matrix<T, Cols, Rows>& d,
+                               const simdgroup_matrix<T, K, Rows>& a,
+                               const simdgroup_matrix<T, Cols, K>& b, int line = __builtin_LINE()) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, Cols, Rows>(T(0)), line);
 }
 }  // namespace metal
 
