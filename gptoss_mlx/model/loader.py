@@ -158,8 +158,13 @@ def load_model(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn =
     model.set_dtype(target, lambda t: mx.issubdtype(t, mx.floating))
     _materialize(model, progress)
     model.eval()
-    if fn is not moe:
-        _verify_experts(model, folder, forced=experts != "auto" or bool(os.environ.get(ENV_VAR)))
+    forced = experts != "auto" or bool(os.environ.get(ENV_VAR))
+    if fn is not moe and forced:
+        _verify_experts(model, folder, forced)
+    elif fn is not moe:  # picked automatically: measured per phase against the portable experts
+        from gptoss_mlx.kernels.autotune import tune_model
+
+        tune_model(model, fn)
     return model
 
 
