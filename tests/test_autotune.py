@@ -209,3 +209,25 @@ def test_a_forced_backend_is_not_tuned(model_dir: Path, mac: Path,
     monkeypatch.delenv(ENV_VAR)
     model, _ = gptoss_mlx.load(model_dir, dtype="float32", experts=emulated())
     assert model.moe_fn is not moe and not hasattr(model.moe_fn, "choice")
+
+
+def test_bench_shows_the_choice_and_its_margin(tiny_model_dir: Path, mac: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from gptoss_mlx.cli import main
+
+    args = ["bench", "-m", str(tiny_model_dir), "-p", "16", "-n", "2", "-d", "", "-r", "1",
+            "--experts", "auto"]
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    result = CliRunner().invoke(main, args)  # no Metal: the portable experts, nothing measured
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "experts auto: mlx\n" in result.stderr
+    monkeypatch.setattr(loader, "resolve_backend", lambda experts: ("metal", emulated()))
+    monkeypatch.setattr(at, "measure", Timer())
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert ("experts auto: auto, autotuned per tokens per call: 1 tok: metal-gemv (3.33x vs "
+            "mlx), 4 tok: metal-mma (2.50x vs mlx), 16 tok: metal-mma (1.11x vs mlx), 512 tok: "
+            "mlx (1.00x vs mlx)") in result.stderr
+    assert "| gptoss-mlx auto |" in result.stdout.replace("  ", " ")
