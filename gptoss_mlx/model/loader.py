@@ -134,7 +134,8 @@ def load_model(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn =
 
     `dtype` is the activation (and non-quantized weight) dtype: "bfloat16" (as released),
     "float16" or "float32" (for verification). `experts` picks the experts backend
-    (see `experts.resolve_backend`). `progress` shows a bar on stderr while weights load.
+    (see `experts.resolve_backend`; an automatic `metal` is autotuned per token count against
+    the portable one, see `kernels.autotune`). `progress` shows a bar on stderr while weights load.
     """
     folder = Path(path)
     if dtype not in DTYPES:
