@@ -311,15 +311,16 @@ def test_simdgroup_matrix_race_free_under_thread_sanitizer() -> None:
 
 @pytest.mark.parametrize(("edit", "threads", "message"), [
     (("simdgroup_load(a,", "if (thread_index_in_simdgroup < 31u) simdgroup_load(a,"), 128,
-     "divergent SIMD collectives: lanes wait at line 8 and line 9"),
+     "simdgroup_matrix operations differ between the lanes of a SIMD group .a divergent branch "
+     "or per-lane arguments., at or before line 10"),
     (("simdgroup_load(a, a_in + 8u * bi * 16u + k, 16);",
       "simdgroup_load(a, a_in + 8u * bi * 16u + k, 16 + thread_index_in_simdgroup % 2u);"), 128,
-     "simdgroup_load with arguments that differ between lanes at line 8"),
+     "simdgroup_matrix operations differ between the lanes of a SIMD group"),
     (("ulong2(0, 0), true);\n        simdgroup_multiply",
       "ulong2(1, 0), true);\n        simdgroup_multiply"), 128,
      "simdgroup_load with a matrix_origin: not emulated"),
     # 112 threads: SIMD groups of 32, 32, 32 and 16 lanes
-    (("", ""), 112, "simdgroup_load with inactive lanes in the SIMD group at line 8"),
+    (("", ""), 112, "simdgroup_matrix operation with inactive lanes in the SIMD group at line 8"),
 ])
 def test_simdgroup_matrix_misuse_is_reported(edit: tuple[str, str], threads: int,
                                              message: str) -> None:

@@ -136,6 +136,8 @@ void simd_exchange(const void* value, int size, int line, unsigned char (**all)[
                    uint32_t* active, uint32_t* lane);
 void* tg_alloc(int slot, size_t bytes);
 void report(int line, const char* what);  // a kernel error: the dispatch fails with it
+void mat_note(int line, const void* data, int size);  // a simdgroup_matrix operation, per lane
+uint lane_index();  // the calling GPU thread's index in its SIMD group
 }  // namespace emu
 
 namespace metal {
@@ -208,7 +210,7 @@ inline float tanh(float x) { return metal::tanh(x); }
 
 // SIMD-group collectives: every active lane posts its value, the fiber scheduler switches until
 // all lanes of the SIMD group stand at the same collective, then each lane reads every value.
-template <class T, class F> inline auto emu_collective(T v, int line, F reduce) {
+template <class T, class F> inline T emu_collective(T v, int line, F reduce) {
   static_assert(sizeof(T) <= 32, "collective value too large");
   unsigned char (*all)[32][32];
   uint32_t active, lane;
@@ -263,14 +265,18 @@ template <class T> inline T simd_shuffle_xor(T v, ushort mask, int line = __buil
 }
 
 // simdgroup_matrix (8x8): each lane holds two elements, row r and columns c, c + 1 of the matrix,
-// at the coordinates Apple GPUs use (as MLX's steel MMA fragments document them). Loads, stores
-// and multiplies are SIMD-group collectives: every lane of a full SIMD group must reach the same
-// one with the same arguments, else the dispatch fails naming the line. A matrix not yet written
-// holds NaN poison.
+// at the coordinates Apple GPUs use (as MLX's steel MMA fragments document them): lane bits
+// b4 b3 b2 b1 b0 hold r = 4 b4 + 2 b2 + b1, c = 4 b3 + 2 b0. Loads, stores and multiplies are
+// SIMD-group collectives: every lane of a full SIMD group must reach the same one with the same
+// arguments, else the dispatch fails naming the line. A matrix not yet written holds NaN poison.
+// Each lane loads and stores its own elements without a switch point (the runtime compares the
+// lanes' operations, lines and arguments, whenever they meet); a multiply exchanges elements.
 inline void emu_mat_coord(uint lane, uint& r, uint& c) {
-  const uint q = lane / 4u;
-  r = (q & 4u) + (lane / 2u) % 4u;
-  c = (q & 2u) * 2u + (lane % 2u) * 2u;
+  r = (lane >> 4 & 1u) * 4u + (lane >> 2 & 1u) * 2u + (lane >> 1 & 1u);
+  c = (lane >> 3 & 1u) * 4u + (lane & 1u) * 2u;
+}
+inline uint emu_mat_lane(uint r, uint c) {  // the lane holding element (r, c), at index c % 2
+  return (r >> 2) << 4 | (c >> 2) << 3 | (r >> 1 & 1u) << 2 | (r & 1u) << 1 | (c >> 1 & 1u);
 }
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "msl_emulator: only 8x8 simdgroup matrices");
@@ -288,39 +294,38 @@ inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T valu
   return m;
 }
 
+// One exchange among the SIMD group's lanes (a switch point); fails the dispatch unless all 32
+// lanes take part. Returns the calling lane; `all` points at every lane's posted bytes.
+template <class T>
+inline uint emu_mat_exchange(const T& mine, const char* what, int line,
+                             unsigned char (**all)[32][32]) {
+  static_assert(sizeof(T) <= 32, "exchange value too large");
+  uint32_t active, lane;
+  emu::simd_exchange(&mine, int(sizeof(T)), line, all, &active, &lane);
+  if (active != 0xFFFFFFFFu) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s with inactive lanes in the SIMD group", what);
+    emu::report(line, msg);
+  }
+  return lane;
+}
+
 struct EmuMatArgs {
   const void* ptr;
   ulong elements_per_row;
   ulong origin_x, origin_y;
 };
-struct EmuMatSync {
-  const char* problem;
-  uint lane;
-};
-// The collective part of a load or store: all 32 lanes present, the same arguments everywhere.
-// Returns the calling lane.
-inline uint emu_mat_sync(const void* ptr, ulong elements_per_row, ulong2 origin, bool transpose,
+// A load or store: noted for the runtime's comparison of the lanes. Returns the calling lane.
+inline uint emu_mat_note(const void* ptr, ulong elements_per_row, ulong2 origin, bool transpose,
                          const char* what, int line) {
-  EmuMatArgs args{ptr, elements_per_row * 2u + (transpose ? 1u : 0u), origin.x, origin.y};
-  const EmuMatSync sync = emu_collective(
-      args, line, [](const EmuMatArgs* all, uint32_t active, uint32_t lane) -> EmuMatSync {
-        if (active != 0xFFFFFFFFu) return {"with inactive lanes in the SIMD group", lane};
-        for (int i = 0; i < 32; ++i)
-          if (std::memcmp(&all[i], &all[lane], sizeof(EmuMatArgs)) != 0)
-            return {"with arguments that differ between lanes", lane};
-        return {nullptr, lane};
-      });
-  const char* problem = sync.problem;
-  if (problem) {
-    char msg[160];
-    std::snprintf(msg, sizeof msg, "%s %s", what, problem);
-    emu::report(line, msg);
-  } else if (origin.x || origin.y) {
+  const EmuMatArgs args{ptr, elements_per_row * 2u + (transpose ? 1u : 0u), origin.x, origin.y};
+  emu::mat_note(line, &args, sizeof args);
+  if (origin.x || origin.y) {
     char msg[160];
     std::snprintf(msg, sizeof msg, "%s with a matrix_origin: not emulated, offset the pointer", what);
     emu::report(line, msg);
   }
-  return sync.lane;
+  return emu::lane_index();
 }
 
 template <class T, int Cols, int Rows>
@@ -328,7 +333,7 @@ inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src,
                            ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
                            bool transpose_matrix = false, int line = __builtin_LINE()) {
   const uint lane =
-      emu_mat_sync(src, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_load", line);
+      emu_mat_note(src, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_load", line);
   uint r, c;
   emu_mat_coord(lane, r, c);
   for (uint i = 0; i < 2u; ++i)
@@ -340,7 +345,7 @@ inline void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, T* dst,
                             ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
                             bool transpose_matrix = false, int line = __builtin_LINE()) {
   const uint lane =
-      emu_mat_sync(dst, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_store", line);
+      emu_mat_note(dst, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_store", line);
   uint r, c;
   emu_mat_coord(lane, r, c);
   for (uint i = 0; i < 2u; ++i)
@@ -348,8 +353,8 @@ inline void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, T* dst,
         a.e[i];
 }
 
-// d = a * b + c: every lane posts its elements of a, b and c and computes its two of d
-// (products summed in float32 over k = 0..7).
+// d = a * b + c: every lane posts its elements of a and b, then computes its two elements of d
+// from row r of a and columns c, c + 1 of b (products summed in float32 over k = 0..7).
 template <class T, int Cols, int Rows, int K>
 inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
                                           const simdgroup_matrix<T, K, Rows>& a,
@@ -357,33 +362,26 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
                                           const simdgroup_matrix<T, Cols, Rows>& c,
                                           int line = __builtin_LINE()) {
   struct Parts {
-    vec<T, 2> a, b, c;
+    vec<T, 2> a, b;
   };
-  const Parts mine{a.e, b.e, c.e};
-  bool full = true;
-  d.e = emu_collective(mine, line, [&full](const Parts* all, uint32_t active, uint32_t lane) {
-    full = active == 0xFFFFFFFFu;
-    float A[8][8], B[8][8], C[8][8];
-    for (uint l = 0; l < 32u; ++l) {
-      uint r, c;
-      emu_mat_coord(l, r, c);
-      for (uint i = 0; i < 2u; ++i) {
-        A[r][c + i] = float(all[l].a[i]);
-        B[r][c + i] = float(all[l].b[i]);
-        C[r][c + i] = float(all[l].c[i]);
-      }
-    }
-    uint r, c;
-    emu_mat_coord(lane, r, c);
-    vec<T, 2> out;
-    for (uint i = 0; i < 2u; ++i) {
-      float s = C[r][c + i];
-      for (uint k = 0; k < 8u; ++k) s += A[r][k] * B[k][c + i];
-      out[i] = T(s);
-    }
-    return out;
-  });
-  if (!full) emu::report(line, "simdgroup_multiply_accumulate with inactive lanes in the SIMD group");
+  const Parts mine{a.e, b.e};
+  const vec<T, 2> acc = c.e;
+  emu::mat_note(line, nullptr, 0);
+  unsigned char (*all)[32][32];
+  const uint lane = emu_mat_exchange(mine, "simdgroup_multiply_accumulate", line, &all);
+  auto part = [all](uint l) {
+    Parts p;
+    std::memcpy(&p, (*all)[l], sizeof p);
+    return p;
+  };
+  uint r, c0;
+  emu_mat_coord(lane, r, c0);
+  float s[2] = {float(acc[0]), float(acc[1])};
+  for (uint k = 0; k < 8u; ++k) {
+    const float av = float(part(emu_mat_lane(r, k)).a[k & 1u]);
+    for (uint i = 0; i < 2u; ++i) s[i] += av * float(part(emu_mat_lane(k, c0 + i)).b[(c0 + i) & 1u]);
+  }
+  d.e = vec<T, 2>(T(s[0]), T(s[1]));
 }
 
 template <class T, int Cols, int Rows, int K>
