@@ -158,6 +158,20 @@ def test_a_kernel_failing_its_self_check_is_never_chosen(mac: Path) -> None:
     assert "metal-mma failed its self-check" in choice.describe()
 
 
+def test_a_kernel_failing_while_timed_is_never_chosen(mac: Path) -> None:
+    class FailsAtPrefill(Timer):
+        def __call__(self, name: str, n: int, run: Any) -> float:
+            if name == "metal-mma" and n == 512:
+                raise RuntimeError("[metal] Command buffer execution failed")
+            return super().__call__(name, n, run)
+
+    fastest_mma = {n: {**t, "metal-mma": 0.1} for n, t in TIMES.items()}
+    choice = tune(emulated(), FailsAtPrefill(fastest_mma))
+    assert "RuntimeError: [metal] Command buffer" in choice.rejected["metal-mma"]
+    assert choice.table == {1: "metal-gemv", 4: "metal-gemv", 16: "mlx", 512: "mlx"}
+    assert all("metal-mma" not in t for t in choice.times.values())
+
+
 def test_without_metal_the_portable_experts_are_chosen_unmeasured(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(at, "metal_available", lambda: False)

@@ -225,13 +225,25 @@ def measure_choice(metal_fn: MoeFn, gate: QWeights, up: QWeights, down: QWeights
     if alive == [PORTABLE]:
         return portable_choice(rejected)
     experts, hidden = gate[0].shape[0], down[0].shape[1]
-    table, times = {}, {}
+    table: dict[int, str] = {}
+    times: dict[int, dict[str, float]] = {}
     for n in (*DECODE_SIZES, PREFILL_SIZE):
         x, indices, weights = _inputs(n, experts, hidden, top_k, dtype)
-        names = [c for c in alive if n != PREFILL_SIZE or c in PREFILL_CANDIDATES]
-        times[n] = {c: timer(c, n, functools.partial(fns[c], x, indices, weights, gate, up, down,
-                                                     swiglu_limit)) for c in names}
-        table[n] = min(names, key=lambda c: times[n][c])
+        times[n] = {}
+        for c in alive:
+            if c in rejected or (n == PREFILL_SIZE and c not in PREFILL_CANDIDATES):
+                continue
+            run = functools.partial(fns[c], x, indices, weights, gate, up, down, swiglu_limit)
+            try:
+                times[n][c] = timer(c, n, run)
+            except Exception as e:  # e.g. a kernel that fails at this size: never chosen
+                if c == PORTABLE:
+                    raise
+                rejected[c] = f"{n} tokens: {type(e).__name__}: {e}"
+        table[n] = min(times[n], key=times[n].__getitem__)
+    for n in times:  # a candidate that failed at some size is not used at any
+        times[n] = {c: t for c, t in times[n].items() if c not in rejected}
+        table[n] = min(times[n], key=times[n].__getitem__)
     return Choice(table, times, rejected)
 
 
