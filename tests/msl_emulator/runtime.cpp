@@ -361,6 +361,7 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
     if (all_done) return all_mats_agree();
     // SIMD collectives and simdgroup barriers: every lane that has not returned must stand at the
     // same one.
+    std::vector<size_t> waiting;  // first fibers of the SIMD groups that can go on
     for (size_t sg0 = 0; sg0 < n; sg0 += 32) {
       size_t sg1 = std::min(n, sg0 + 32);
       int line = -1;
@@ -388,6 +389,17 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
           }
         continue;
       }
+      waiting.push_back(sg0);
+    }
+    // Release the SIMD groups waiting at a collective. The random schedule holds each back for a
+    // round with probability 1/4 (one always goes), so SIMD groups drift apart between barriers
+    // as on a GPU and a missing barrier between them shows.
+    std::vector<size_t> go;
+    for (size_t sg0 : waiting)
+      if (schedule != 2 || rng() % 4 != 0) go.push_back(sg0);
+    if (go.empty() && !waiting.empty()) go.push_back(waiting[rng() % waiting.size()]);
+    for (size_t sg0 : go) {
+      size_t sg1 = std::min(n, sg0 + 32);
       uint32_t mask = 0;
       for (size_t i = sg0; i < sg1; ++i)
         if (fs[i].state != DONE) mask |= 1u << (i - sg0);
