@@ -119,14 +119,16 @@ class Runtime(Protocol):
 
 class OurRuntime:
     """gptoss-mlx: `gptoss_mlx.generate.stream`, greedy, never stopping early, with the
-    experts backend `experts` (None: as loaded). Runtimes that differ only in the backend share
-    one loaded model: each sets its backend before generating."""
+    experts backend `experts` (None: as loaded; "auto": the one the model was loaded with,
+    autotuned). Runtimes that differ only in the backend share one loaded model: each sets its
+    backend before generating."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, experts: str | None = None):
         from gptoss_mlx.model.experts import resolve_backend
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.backend = resolve_backend(experts) if experts else None
+        self.backend = ((model.experts_backend, model.moe_fn) if experts == "auto"
+                        else resolve_backend(experts) if experts else None)
 
     def generate(self, prompt: list[int], max_tokens: int) -> Iterator[Any]:
         from gptoss_mlx.generate import TokenEvent, stream

@@ -37,9 +37,11 @@ while (seg < m_end) {
     }
     const uint word = wsrc[b * 4u + wword];
     const float scale = e8m0_to_float(ssrc[b]);
-    for (uint i = 0; i < 4u; ++i) {
-      const uint e = whalf * 4u + i;
-      dt[wrow][wword * 8u + e] = fp4_value(word, e) * scale;
+    for (uint p = 0; p < 2u; ++p) {
+      const float2 v = fp4_pair(word, whalf * 2u + p) * scale;
+      const uint col = wword * 8u + whalf * 4u + 2u * p;
+      dt[wrow][col] = v.x;
+      dt[wrow][col + 1u] = v.y;
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // tiles staged
     if (mine) {

@@ -2,7 +2,7 @@
 // The host sorts the N * K (token, slot) pairs by expert (`order` = pair ids in expert order,
 // `sorted_experts` = their experts). A threadgroup owns a 32-row tile of that sorted list and 32
 // intermediate units; for each expert segment inside the tile it walks the input in 32-wide
-// MXFP4 blocks: x rows and the gate/up weights, dequantized (nibble table x E8M0 scale), are staged
+// MXFP4 blocks: x rows and the gate/up weights, dequantized (E2M1 bits x E8M0 scale), are staged
 // in threadgroup memory, then every thread accumulates 4 units x (gate, up) of one row in float32.
 // Grid (256 * I / 32, ceil(P / 32), 1), threadgroup (256, 1, 1). Output act [P, I] float32 in
 // sorted-row order. Template: T (x dtype), B (bias dtype), H, I, K.
@@ -41,12 +41,15 @@ while (seg < m_end) {
     }
     const uint word = wsrc[b * 4u + wword];
     const float scale = e8m0_to_float(ssrc[b]);
-    for (uint i = 0; i < 8u; ++i) {
-      const float v = fp4_value(word, i) * scale;
+    for (uint p = 0; p < 4u; ++p) {
+      const float2 v = fp4_pair(word, p) * scale;
+      const uint col = wword * 8u + 2u * p;
       if (stage_up) {
-        ut[wrow][wword * 8u + i] = v;
+        ut[wrow][col] = v.x;
+        ut[wrow][col + 1u] = v.y;
       } else {
-        gt[wrow][wword * 8u + i] = v;
+        gt[wrow][col] = v.x;
+        gt[wrow][col + 1u] = v.y;
       }
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // tiles staged

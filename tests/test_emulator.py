@@ -263,3 +263,74 @@ def test_compile_errors_name_the_kernel_line() -> None:
                        match=r"g\+\+ failed(.|\n)*typo:2:\d+: error: .undefined_name"):
         k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32],
           grid=(8, 1, 1), threadgroup=(8, 1, 1))
+
+
+MATMUL = """
+    const uint sg = simdgroup_index_in_threadgroup;  // one 8x8 block of the 16x16 result each
+    const uint bi = sg / 2u, bj = sg % 2u;
+    simdgroup_matrix<T, 8, 8> acc = make_filled_simdgroup_matrix<T, 8, 8>(T(0));
+    for (uint k = 0; k < 16u; k += 8u) {
+        simdgroup_matrix<T, 8, 8> a;
+        simdgroup_matrix<T, 8, 8> b;
+        simdgroup_load(a, a_in + 8u * bi * 16u + k, 16);
+        simdgroup_load(b, bt_in + 8u * bj * 16u + k, 16, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(acc, a, b, acc);
+    }
+    simdgroup_store(acc, out + 8u * bi * 16u + 8u * bj, 16);
+    simdgroup_store(acc, out_t + 8u * bj * 16u + 8u * bi, 16, ulong2(0, 0), true);
+"""
+
+
+def matmul(body: str, dtype: mx.Dtype, schedule: str = "forward", threads: int = 128,
+           **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    a, bt = (rng.normal(size=(16, 16)).astype(np.float32) for _ in range(2))
+    a, bt = (np.array(mx.array(m).astype(dtype).astype(mx.float32)) for m in (a, bt))
+    k = make_factory(schedule, seed=5, **kw)("mma", ["a_in", "bt_in"], ["out", "out_t"], body)
+    out, out_t = k(inputs=[mx.array(a).astype(dtype), mx.array(bt).astype(dtype)],
+                   output_shapes=[(16, 16), (16, 16)], output_dtypes=[dtype, dtype],
+                   grid=(threads, 1, 1), threadgroup=(threads, 1, 1), template=[("T", dtype)])
+    return (np.array(out.astype(mx.float32)), np.array(out_t.astype(mx.float32)),
+            a.astype(np.float64), bt.astype(np.float64))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(("dtype", "tol"), [(mx.float32, 1e-6), (mx.float16, 2e-3),
+                                            (mx.bfloat16, 1e-2)])
+def test_simdgroup_matrix_load_multiply_store(schedule: str, dtype: mx.Dtype, tol: float) -> None:
+    out, out_t, a, bt = matmul(MATMUL, dtype, schedule)
+    want = a @ bt.T
+    assert np.abs(out - want).max() <= tol * np.abs(want).max()
+    np.testing.assert_array_equal(out_t, out.T)
+
+
+def test_simdgroup_matrix_race_free_under_thread_sanitizer() -> None:
+    out, _, a, bt = matmul(MATMUL, mx.float32, tsan=True)
+    np.testing.assert_allclose(out, a @ bt.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("edit", "threads", "message"), [
+    (("simdgroup_load(a,", "if (thread_index_in_simdgroup < 31u) simdgroup_load(a,"), 128,
+     "simdgroup_matrix operations differ between the lanes of a SIMD group .a divergent branch "
+     "or per-lane arguments., at or before line 10"),
+    (("simdgroup_load(a, a_in + 8u * bi * 16u + k, 16);",
+      "simdgroup_load(a, a_in + 8u * bi * 16u + k, 16 + thread_index_in_simdgroup % 2u);"), 128,
+     "simdgroup_matrix operations differ between the lanes of a SIMD group"),
+    (("ulong2(0, 0), true);\n        simdgroup_multiply",
+      "ulong2(1, 0), true);\n        simdgroup_multiply"), 128,
+     "simdgroup_load with a matrix_origin: not emulated"),
+    # 112 threads: SIMD groups of 32, 32, 32 and 16 lanes
+    (("", ""), 112, "simdgroup_matrix operation with inactive lanes in the SIMD group at line 8"),
+])
+def test_simdgroup_matrix_misuse_is_reported(edit: tuple[str, str], threads: int,
+                                             message: str) -> None:
+    assert edit[0] in MATMUL
+    with pytest.raises(EmulatorError, match=message):
+        matmul(MATMUL.replace(*edit), mx.float32, threads=threads)
+
+
+def test_uninitialized_simdgroup_matrix_is_poison() -> None:
+    body = MATMUL.replace(" = make_filled_simdgroup_matrix<T, 8, 8>(T(0))", "")
+    assert body != MATMUL
+    out, _, _, _ = matmul(body, mx.float32)
+    assert np.isnan(out).all()

@@ -11,6 +11,7 @@ import pytest
 import gptoss_mlx
 from gptoss_mlx.convert import convert
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
+from gptoss_mlx.kernels import autotune
 from gptoss_mlx.model import loader
 from gptoss_mlx.model.experts import ENV_VAR, moe
 from gptoss_mlx.model.loader import ModelLoadError
@@ -41,9 +42,12 @@ def test_an_asked_for_backend_that_fails_is_refused(model_dir: Path, broken) -> 
 @pytest.mark.parametrize("broken", [does_not_compile, swaps_gate_and_up])
 def test_an_automatic_backend_that_fails_falls_back(model_dir: Path, broken,
                                                     monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+                                                    capsys: pytest.CaptureFixture,
+                                                    tmp_path: Path) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the autotune stores its verdict there
     monkeypatch.setattr(loader, "resolve_backend", lambda experts: ("metal", broken))
+    monkeypatch.setattr(autotune, "metal_available", lambda: True)  # every metal path fails
     model, _ = gptoss_mlx.load(model_dir, experts="auto")
     assert "using the portable mlx experts" in capsys.readouterr().err
     assert model.experts_backend == "mlx" and model.moe_fn is moe

@@ -23,9 +23,16 @@ SCHEDULES = ["forward", "reverse", "random"]
 BACKENDS = SCHEDULES + (["metal"] if mx.metal.is_available() else [])
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="the MSL emulator needs g++")
-PATHS = ["decode", "prefill"]
+# decode: the GEMV kernels; prefill: the grouped GEMMs with scalar FMAs; prefill-mma: the grouped
+# GEMMs on simdgroup_matrix 8x8 multiply-accumulates.
+PATHS = ["decode", "prefill", "prefill-mma"]
 LIMIT, ALPHA = 7.0, 1.702
 FP4 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float64)
+
+
+def path_args(path: str) -> dict[str, str]:
+    """`km.moe` keyword arguments for one of PATHS."""
+    return {"path": "prefill", "gemm": "mma"} if path == "prefill-mma" else {"path": path}
 
 
 def factory(backend: str, seed: int = 11) -> Callable[..., Any]:
@@ -67,7 +74,7 @@ class Case:
 
     def run(self, backend: str = "forward", path: str = "decode", **kw: object) -> mx.array:
         return km.moe(self.x, self.indices, self.route, self.gate, self.up, self.down,
-                      LIMIT, ALPHA, path=path, kernel_factory=factory(backend), **kw)
+                      LIMIT, ALPHA, kernel_factory=factory(backend), **path_args(path), **kw)
 
 
 @functools.cache
@@ -121,15 +128,25 @@ def test_gate_up_kernels_match_numpy(shape: str, backend: str) -> None:
     act = km.decode_gate_up(case.x, case.indices, case.gate, case.up, params, kf)
     assert rel_err(act, case.act) <= 1e-5
     order, sorted_experts = km.sort_pairs(case.indices)
-    act = km.prefill_gate_up(case.x, order, sorted_experts, k, case.gate, case.up, params, kf)
-    assert rel_err(act, case.act[np.array(order)]) <= 1e-5
-    y_pairs = km.prefill_down(act, order, sorted_experts, case.route, case.down, kf)
-    assert rel_err(y_pairs, case.y_pairs) <= 1e-5
+    # Emulated MMAs are slow: at the real dims the MMA GEMMs run under the random schedule (and
+    # on the GPU); the small shape runs them under every schedule.
+    real_slow = shape == "real" and backend in ("forward", "reverse")
+    for gemm in ["fma"] if real_slow else km.GEMMS:
+        act = km.prefill_gate_up(case.x, order, sorted_experts, k, case.gate, case.up, params, kf,
+                                 gemm)
+        assert rel_err(act, case.act[np.array(order)]) <= 1e-5, gemm
+        y_pairs = km.prefill_down(act, order, sorted_experts, case.route, case.down, kf, gemm)
+        assert rel_err(y_pairs, case.y_pairs) <= 1e-5, gemm
+
+
+# At the real dims the MMA GEMMs are checked kernel by kernel in test_gate_up_kernels_match_numpy
+# and end to end in bfloat16 (emulated MMAs are slow); here the small shape covers them.
+SHAPE_PATHS = [(shape, path) for shape in ("real", "small") for path in PATHS
+               if (shape, path) != ("real", "prefill-mma")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", ["real", "small"])
+@pytest.mark.parametrize(("shape", "path"), SHAPE_PATHS)
 def test_moe_matches_numpy_float32(shape: str, path: str, backend: str) -> None:
     case = make_case(**(REAL if shape == "real" else SMALL))
     out = case.run(backend, path)
@@ -185,6 +202,29 @@ def test_auto_path_and_uint32_indices() -> None:
     assert rel_err(out, case.out) <= 1e-5
 
 
+def test_fp4_register_decode_matches_the_e2m1_table() -> None:
+    """Every byte value in every byte position of a word, through the header's bit decode."""
+    from gptoss_mlx.metal import source
+
+    body = """
+    const uint t = thread_position_in_grid.x;
+    const float2 v = fp4_pair(words[t], t % 4u);
+    out[2u * t] = v.x;
+    out[2u * t + 1u] = v.y;
+"""
+    byte = np.repeat(np.arange(256, dtype=np.uint32), 4)
+    pos = np.tile(np.arange(4, dtype=np.uint32), 256)
+    noise = np.random.default_rng(0).integers(0, 2**32, size=byte.size, dtype=np.uint64)
+    words = ((noise.astype(np.uint32) & ~(np.uint32(0xFF) << (8 * pos))) | (byte << (8 * pos)))
+    k = make_factory()("fp4", ["words"], ["out"], body, header=source("mxfp4"))
+    out = np.array(k(inputs=[mx.array(words.astype(np.uint32))], output_shapes=[(2 * byte.size,)],
+                     output_dtypes=[mx.float32], grid=(byte.size, 1, 1),
+                     threadgroup=(256, 1, 1))[0])
+    want = np.stack([FP4[byte & 0xF], FP4[byte >> 4]], axis=1).ravel()
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(want))  # -0.0 stays negative
+
+
 def gather_qmm_moe(case: Case) -> mx.array:
     """The same layer on MLX's own MXFP4 kernels (the second oracle)."""
     def qmm(x: mx.array, w: tuple[mx.array, ...]) -> mx.array:
@@ -198,8 +238,7 @@ def gather_qmm_moe(case: Case) -> mx.array:
     return (y * mx.expand_dims(case.route, -1)).sum(-2)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", ["real", "small"])
+@pytest.mark.parametrize(("shape", "path"), SHAPE_PATHS)
 def test_moe_matches_mlx_gather_qmm(shape: str, path: str) -> None:
     case = make_case(**(REAL if shape == "real" else SMALL))
     want = np.array(gather_qmm_moe(case)).astype(np.float64)
@@ -209,7 +248,11 @@ def test_moe_matches_mlx_gather_qmm(shape: str, path: str) -> None:
 
 # Each mutation: (file it edits, exact text, replacement, paths it affects).
 MUTATIONS = {
-    "nibble order": ("mxfp4", "(word >> (4u * i))", "(word >> (4u * (i ^ 1u)))", PATHS),
+    "nibble order": ("mxfp4", "(b & 0xFu) | ((b & 0xF0u) << 12)", "(b >> 4) | ((b & 0xFu) << 16)",
+                     PATHS),
+    "fp4 sign bit": ("mxfp4", " | ((n & 0x00080008u) << 12)", "", PATHS),
+    "fp4 exponent position": ("mxfp4", "((n & 0x00070007u) << 9)", "((n & 0x00070007u) << 10)",
+                              PATHS),
     "scale exponent": ("mxfp4", "as_type<float>(s << 23)", "as_type<float>((s + 1u) << 23)",
                        PATHS),
     "swiglu clamp": ("mxfp4", "g = metal::min(g, limit);", "", PATHS),
@@ -221,6 +264,24 @@ MUTATIONS = {
         "moe_down_gemm",
         "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // tiles consumed", "",
         ["prefill"]),
+    "removed barrier (mma gate_up tiles staged)": (
+        "moe_gate_up_mma",
+        "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // tiles staged", "",
+        ["prefill-mma"]),
+    "removed barrier (mma down tiles consumed)": (
+        "moe_down_mma",
+        "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // tiles consumed", "",
+        ["prefill-mma"]),
+    "removed barrier (mma gate_up sums stored)": (
+        "moe_gate_up_mma",
+        "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);  // sums stored", "",
+        ["prefill-mma"]),
+    "mma weights not transposed": (
+        "moe_down_mma", "simdgroup_load(w, &dt[c0 + 8u * c][kk], 36, ulong2(0, 0), true);",
+        "simdgroup_load(w, &dt[c0 + 8u * c][kk], 36, ulong2(0, 0), false);", ["prefill-mma"]),
+    "mma rows outside the expert segment not zeroed": (
+        "moe_gate_up_mma", "float(x[ulong(token) * uint(H) + b * 32u + tn + i]) : 0.0f;",
+        "float(x[ulong(token) * uint(H) + b * 32u + tn + i]) : 1.0f;", ["prefill-mma"]),
 }
 
 
@@ -252,7 +313,8 @@ def test_mutated_kernels_fail(mutation: str) -> None:
         for backend in BACKENDS:
             try:
                 out = km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down,
-                             path=path, kernel_factory=mutated_factory(backend, target, old, new))
+                             kernel_factory=mutated_factory(backend, target, old, new),
+                             **path_args(path))
                 caught.append(not rel_err(out, case.out) <= 1e-5)  # NaN counts as caught
             except EmulatorError:
                 caught.append(True)
@@ -263,8 +325,8 @@ def test_asan_build_runs_kernels_and_catches_bad_expert_ids() -> None:
     case = make_case(e=8, h=64, i=96, n=9)
     asan = make_factory("random", seed=1, asan=True)
     for path in PATHS:
-        out = km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down, path=path,
-                     kernel_factory=asan)
+        out = km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down,
+                     kernel_factory=asan, **path_args(path))
         assert rel_err(out, case.out) <= 1e-5
     bad = mx.array(np.where(np.arange(case.indices.size).reshape(case.indices.shape) == 5, 8,
                             np.array(case.indices)).astype(np.int32))  # expert 8 of 8
@@ -273,13 +335,13 @@ def test_asan_build_runs_kernels_and_catches_bad_expert_ids() -> None:
                kernel_factory=asan)
 
 
-@pytest.mark.parametrize(("path", "n"), [("decode", 2), ("prefill", 9)])
+@pytest.mark.parametrize(("path", "n"), [("decode", 2), ("prefill", 9), ("prefill-mma", 9)])
 def test_kernels_are_race_free_under_thread_sanitizer(path: str, n: int) -> None:
     # One OS thread per GPU thread: few tokens keep it quick (prefill: 36 pairs = two row tiles,
     # the second partial).
     case = make_case(e=8, h=64, i=96, n=n)
-    out = km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down, path=path,
-                 kernel_factory=make_factory(tsan=True))
+    out = km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down,
+                 kernel_factory=make_factory(tsan=True), **path_args(path))
     assert rel_err(out, case.out) <= 1e-5
 
 
@@ -298,11 +360,11 @@ def test_signatures_equal_mlx_for_every_kernel(tmp_path) -> None:
 
     case = make_case(**SMALL)
     for path in PATHS:
-        km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down, path=path,
-               kernel_factory=recording)
+        km.moe(case.x, case.indices, case.route, case.gate, case.up, case.down,
+               kernel_factory=recording, **path_args(path))
         km.moe(case.x.astype(mx.bfloat16), case.indices, case.route, case.gate, case.up,
-               case.down, path=path, residual=case.x.astype(mx.bfloat16),
-               kernel_factory=recording)
+               case.down, residual=case.x.astype(mx.bfloat16), kernel_factory=recording,
+               **path_args(path))
     assert {kern.name for kern, _ in calls} == {f"gptoss_{name}" for name in km.KERNELS}
     for n, (kern, ckw) in enumerate(calls):
         inputs, template = ckw["inputs"], ckw["template"]

@@ -30,9 +30,11 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
                    "(comma-separated; empty for none).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3,
               help="Runs of each test (interleaved across runtimes); the table shows mean ± sd.")
-@click.option("--experts", "experts", multiple=True, type=click.Choice(["mlx", "metal"]),
-              help="Experts backends to A/B on one loaded model (repeatable) [default: metal "
-                   "and mlx on a Mac, mlx elsewhere].")
+@click.option("--experts", "experts", multiple=True,
+              type=click.Choice(["auto", "mlx", "metal"]),
+              help="Experts backends to A/B on one loaded model (repeatable); auto is the "
+                   "autotuned choice, printed with its measured margin [default: auto and mlx "
+                   "on a Mac, mlx elsewhere].")
 @click.option("--compare", is_flag=True,
               help="Also run mlx-lm (mlx_lm.stream_generate) on the same folder; print the "
                    "speed ratios ours / mlx-lm. mlx-lm loads its own copy of the weights.")
@@ -64,10 +66,10 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     click.echo(plan.summary(), err=True)
 
     backends = list(dict.fromkeys(experts)) or (
-        ["metal", "mlx"] if mx.metal.is_available() else ["mlx"]
+        ["auto", "mlx"] if mx.metal.is_available() else ["mlx"]
     )
     try:
-        model, tokenizer = load(model_path, experts=backends[0])
+        model, tokenizer = load(model_path, experts="auto" if "auto" in backends else backends[0])
         runtimes: list[bench.Runtime] = [
             bench.OurRuntime(model, tokenizer, f"gptoss-mlx {name}", experts=name)
             for name in backends
@@ -76,6 +78,11 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
         raise click.ClickException(f"cannot load {model_path}: {e}") from None
     if tokenizer is None:
         raise click.ClickException(f"{model_path}: no o200k_base.tiktoken, cannot benchmark")
+    if "auto" in backends:
+        choice = getattr(model.moe_fn, "choice", None)
+        click.echo(f"experts auto: {model.experts_backend}"
+                   + (f", autotuned per tokens per call: {choice.describe()}" if choice else ""),
+                   err=True)
     if compare:
         try:
             runtimes.append(bench.MlxLmRuntime(model_path))

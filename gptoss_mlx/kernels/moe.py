@@ -1,12 +1,13 @@
 """The MoE experts on custom Metal kernels (`mx.fast.metal_kernel`), MXFP4 read in place.
 
-Same signature as the portable backend (gptoss_mlx.model.experts.moe). Decode (few tokens) takes two
-dispatches: a fused gate+up GEMV with biases and clipped SwiGLU, then a down GEMV that applies the
-bias, weights the K experts by their router scores and sums them (optionally into the residual).
-Prefill groups the (token, slot) pairs by expert with an argsort and runs a tiled grouped GEMM for
-gate+up, one for down (bias and router weight fused), and a gather that sums each token's K rows.
-Kernel bodies live in metal/*.metal (see metal/DESIGN.md). `kernel_factory` defaults to
-`mx.fast.metal_kernel`; tests pass the CPU emulator's factory to run the same code path on Linux.
+Same signature (`gptoss_mlx.moe_types.MoeFn`) as the portable backend (model/experts.py). Decode
+(few tokens) takes two dispatches: a fused gate+up GEMV with biases and clipped SwiGLU, then a down
+GEMV that applies the bias, weights the K experts by their router scores and sums them (optionally
+into the residual). Prefill groups the (token, slot) pairs by expert with an argsort and runs a
+tiled grouped GEMM for gate+up, one for down (bias and router weight fused), and a gather that
+sums each token's K rows. Kernel bodies live in metal/*.metal (see metal/DESIGN.md).
+`kernel_factory` defaults to `mx.fast.metal_kernel`; tests pass the CPU emulator's factory to run
+the same code path on Linux.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from gptoss_mlx.metal import source
-from gptoss_mlx.model.experts import QWeights
+from gptoss_mlx.moe_types import QWeights
 
 KernelFactory = Callable[..., Any]
 
@@ -39,6 +40,10 @@ KERNELS: dict[str, tuple[list[str], list[str]]] = {
                       ["y_pairs"]),
     "moe_combine": (["y_pairs", "residual"], ["out"]),
 }
+KERNELS["moe_gate_up_mma"] = KERNELS["moe_gate_up_gemm"]  # the same GEMMs on simdgroup_matrix
+KERNELS["moe_down_mma"] = KERNELS["moe_down_gemm"]
+# prefill GEMM variant -> (gate+up kernel, down kernel): scalar FMAs or 8x8 matrix-unit MMAs
+GEMMS = {"fma": ("moe_gate_up_gemm", "moe_down_gemm"), "mma": ("moe_gate_up_mma", "moe_down_mma")}
 
 _CACHE: dict[tuple[KernelFactory, str], Any] = {}
 
@@ -131,10 +136,10 @@ def sort_pairs(indices: mx.array) -> tuple[mx.array, mx.array]:
 
 def prefill_gate_up(x: mx.array, order: mx.array, sorted_experts: mx.array, k: int,
                     gate: QWeights, up: QWeights, params: mx.array,
-                    kernel_factory: KernelFactory | None = None) -> mx.array:
+                    kernel_factory: KernelFactory | None = None, gemm: str = "fma") -> mx.array:
     """Prefill dispatch 1: act [P, I] float32 for the sorted pairs (row m is pair order[m])."""
     (p,), h, i = order.shape, x.shape[1], gate[0].shape[1]
-    return kernel("moe_gate_up_gemm", kernel_factory)(
+    return kernel(GEMMS[gemm][0], kernel_factory)(
         inputs=[x, order, sorted_experts, *gate, *up, params],
         template=[("T", x.dtype), ("B", gate[2].dtype), ("H", h), ("I", i), ("K", k)],
         grid=(THREADS * (i // TILE), -(-p // TILE), 1), threadgroup=(THREADS, 1, 1),
@@ -143,11 +148,11 @@ def prefill_gate_up(x: mx.array, order: mx.array, sorted_experts: mx.array, k: i
 
 def prefill_down(act: mx.array, order: mx.array, sorted_experts: mx.array,
                  route_weights: mx.array, down: QWeights,
-                 kernel_factory: KernelFactory | None = None) -> mx.array:
+                 kernel_factory: KernelFactory | None = None, gemm: str = "fma") -> mx.array:
     """Prefill dispatch 2: y_pairs [P, H] float32, row p = w_p (W_d act + b_d), in pair order."""
     (p, i), h = act.shape, down[0].shape[1]
     k = route_weights.shape[-1]
-    return kernel("moe_down_gemm", kernel_factory)(
+    return kernel(GEMMS[gemm][1], kernel_factory)(
         inputs=[act, order, sorted_experts, route_weights.reshape(-1), *down],
         template=[("B", down[2].dtype), ("H", h), ("I", i), ("K", k)],
         grid=(THREADS * (h // TILE), -(-p // TILE), 1), threadgroup=(THREADS, 1, 1),
@@ -169,14 +174,15 @@ def combine(y_pairs: mx.array, k: int, residual: mx.array | None, out_dtype: mx.
 
 def moe(x: mx.array, indices: mx.array, route_weights: mx.array, gate: QWeights, up: QWeights,
         down: QWeights, swiglu_limit: float = 7.0, alpha: float = 1.702, *,
-        residual: mx.array | None = None, path: str = "auto",
+        residual: mx.array | None = None, path: str = "auto", gemm: str = "fma",
         kernel_factory: KernelFactory | None = None) -> mx.array:
     """sum_k w_k * (W_d swiglu(W_g x + b_g, W_u x + b_u) + b_d)[expert e_k], on Metal kernels.
 
     x [N, H] (bfloat16/float16/float32), indices [N, k] (int32/uint32), route_weights [N, k];
     gate/up/down are (weight uint32 [E, out, in/8], scales uint8 [E, out, in/32], bias [E, out]).
     Returns [N, H] in x's dtype, plus `residual` when given. `path` forces "decode" or "prefill"
-    (default: decode for at most DECODE_MAX_TOKENS tokens). `kernel_factory` replaces
+    (default: decode for at most DECODE_MAX_TOKENS tokens); `gemm` picks the prefill GEMMs: "fma"
+    (scalar FMAs on staged tiles) or "mma" (simdgroup_matrix 8x8). `kernel_factory` replaces
     `mx.fast.metal_kernel` (the tests pass the CPU emulator's).
     """
     n, _, _, k = _check(x, indices, route_weights, gate, up, down, residual)
@@ -184,12 +190,14 @@ def moe(x: mx.array, indices: mx.array, route_weights: mx.array, gate: QWeights,
         path = "decode" if n <= DECODE_MAX_TOKENS else "prefill"
     if path not in ("decode", "prefill"):
         raise ValueError(f"moe: path must be auto, decode or prefill, got {path!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"moe: gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
     params = _params(float(swiglu_limit), float(alpha))
     route_weights = route_weights.astype(mx.float32)
     if path == "decode":
         act = decode_gate_up(x, indices, gate, up, params, kernel_factory)
         return decode_down(act, indices, route_weights, down, residual, x.dtype, kernel_factory)
     order, sorted_experts = sort_pairs(indices)
-    act = prefill_gate_up(x, order, sorted_experts, k, gate, up, params, kernel_factory)
-    y_pairs = prefill_down(act, order, sorted_experts, route_weights, down, kernel_factory)
+    act = prefill_gate_up(x, order, sorted_experts, k, gate, up, params, kernel_factory, gemm)
+    y_pairs = prefill_down(act, order, sorted_experts, route_weights, down, kernel_factory, gemm)
     return combine(y_pairs, k, residual, x.dtype, kernel_factory)

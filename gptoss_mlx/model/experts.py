@@ -16,13 +16,11 @@ Backends: `mlx` (this module's `moe`, portable: `mx.gather_qmm`) and `metal`
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
 
-QWeights = tuple[mx.array, mx.array, mx.array]
-MoeFn = Callable[..., mx.array]
+from gptoss_mlx.moe_types import MoeFn, QWeights
 
 BACKENDS = ("auto", "mlx", "metal")
 ENV_VAR = "GPTOSS_MLX_EXPERTS"

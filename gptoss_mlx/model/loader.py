@@ -103,7 +103,8 @@ def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
 
     `dtype` is the activation (and non-quantized weight) dtype: "bfloat16" (as released),
     "float16" or "float32" (for verification). `experts` picks the experts backend
-    (see `experts.resolve_backend`). `progress` shows a bar on stderr while weights load.
+    (see `experts.resolve_backend`; an automatic `metal` is autotuned per token count against
+    the portable one, see `kernels.autotune`). `progress` shows a bar on stderr while weights load.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -126,8 +127,13 @@ def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
     _materialize(model, progress)
     _check_expert_scales(model, folder)
     model.eval()
-    if fn is not moe:
-        _verify_experts(model, folder, forced=experts != "auto" or bool(os.environ.get(ENV_VAR)))
+    forced = experts != "auto" or bool(os.environ.get(ENV_VAR))
+    if fn is not moe and forced:
+        _verify_experts(model, folder, forced)
+    elif fn is not moe:  # picked automatically: measured per phase against the portable experts
+        from gptoss_mlx.kernels.autotune import tune_model
+
+        tune_model(model, fn)
     return model
 
 

@@ -68,6 +68,9 @@ struct Fiber {
   State state = READY;
   int line = 0;
   uint32_t seq = 0;  // collectives passed (selects the exchange buffer parity)
+  uint64_t mat_hash = 0;  // simdgroup_matrix operations so far: their lines and arguments
+  uint32_t mat_ops = 0;
+  int mat_first = 0, mat_last = 0;  // lines of the first and latest one
   char* stack = nullptr;
 #ifdef EMU_UCONTEXT
   ucontext_t ctx;
@@ -196,7 +199,7 @@ inline bool run_group_threads() {
     });
   for (auto& t : threads) t.join();
   g_tg = nullptr;
-  return true;
+  return g_run->error.empty();
 }
 #else
 void barrier(int line, bool simd_only) {
@@ -222,6 +225,30 @@ void simd_exchange(const void* value, int size, int line, unsigned char (**all)[
   f->seq++;
 }
 #endif
+
+// simdgroup_matrix loads, stores and multiplies are noted per lane (no switch point: each lane
+// moves its own elements); the scheduler compares the lanes of a SIMD group whenever they meet.
+void mat_note(int line, const void* data, int size) {
+#ifdef EMU_THREADS
+  Fiber* f = t_self;
+#else
+  Fiber* f = g_run->current;
+#endif
+  uint64_t h = f->mat_hash ^ (uint64_t(uint32_t(line)) * 0x9E3779B97F4A7C15ull);
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  for (int i = 0; i < size; ++i) h = (h ^ p[i]) * 0x100000001B3ull;
+  f->mat_hash = h;
+  if (!f->mat_ops++) f->mat_first = line;
+  f->mat_last = line;
+}
+
+uint lane_index() {
+#ifdef EMU_THREADS
+  return t_self->b.thread_index_in_simdgroup;
+#else
+  return g_run->current->b.thread_index_in_simdgroup;
+#endif
+}
 
 // Threadgroup memory: one allocation per declaration per threadgroup, filled with NaN poison.
 void* tg_alloc(int slot, size_t bytes) {
@@ -279,6 +306,45 @@ inline void resume(Fiber& f) {
 
 inline std::string where(int line) { return "line " + std::to_string(line); }
 
+// A misuse the shim detects (e.g. a simdgroup_matrix operation with inactive lanes): the first one
+// is kept and the dispatch fails with it once the current scheduling round ends.
+#ifdef EMU_THREADS
+std::mutex g_report;
+#endif
+void report(int line, const char* what) {
+#ifdef EMU_THREADS
+  std::lock_guard<std::mutex> lock(g_report);
+#endif
+  if (g_run->error.empty()) g_run->error = std::string(what) + " at " + where(line);
+}
+
+// The lanes fibers[sg0, sg1) of one SIMD group, met at a collective, barrier or their end: their
+// simdgroup_matrix operations must be the same (lines and arguments) and need a full SIMD group.
+inline bool mats_agree(size_t sg0, size_t sg1) {
+  auto& fs = g_run->fibers;
+  for (size_t i = sg0; i < sg1; ++i) {
+    if (fs[i].mat_ops && sg1 - sg0 < 32) {
+      g_run->error = "simdgroup_matrix operation with inactive lanes in the SIMD group at " +
+                     where(fs[i].mat_first);
+      return false;
+    }
+    if (fs[i].mat_hash != fs[sg0].mat_hash || fs[i].mat_ops != fs[sg0].mat_ops) {
+      int line = std::max(fs[i].mat_last, fs[sg0].mat_last);
+      g_run->error = "simdgroup_matrix operations differ between the lanes of a SIMD group (a "
+                     "divergent branch or per-lane arguments), at or before " + where(line);
+      return false;
+    }
+  }
+  return true;
+}
+
+inline bool all_mats_agree() {
+  size_t n = g_run->fibers.size();
+  for (size_t sg0 = 0; sg0 < n; sg0 += 32)
+    if (!mats_agree(sg0, std::min(n, sg0 + 32))) return false;
+  return true;
+}
+
 // Runs one threadgroup to completion; returns false (with g_run->error set) on divergence.
 inline bool run_group(int schedule, std::mt19937_64& rng) {
   auto& fs = g_run->fibers;
@@ -289,11 +355,13 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
     if (schedule == 2) std::shuffle(order.begin(), order.end(), rng);
     for (size_t i : order)
       if (fs[i].state == READY) resume(fs[i]);
+    if (!g_run->error.empty()) return false;
     bool all_done = true, released = false;
     for (auto& f : fs) all_done &= f.state == DONE;
-    if (all_done) return true;
+    if (all_done) return all_mats_agree();
     // SIMD collectives and simdgroup barriers: every lane that has not returned must stand at the
     // same one.
+    std::vector<size_t> waiting;  // first fibers of the SIMD groups that can go on
     for (size_t sg0 = 0; sg0 < n; sg0 += 32) {
       size_t sg1 = std::min(n, sg0 + 32);
       int line = -1;
@@ -321,6 +389,17 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
           }
         continue;
       }
+      waiting.push_back(sg0);
+    }
+    // Release the SIMD groups waiting at a collective. The random schedule holds each back for a
+    // round with probability 1/4 (one always goes), so SIMD groups drift apart between barriers
+    // as on a GPU and a missing barrier between them shows.
+    std::vector<size_t> go;
+    for (size_t sg0 : waiting)
+      if (schedule != 2 || rng() % 4 != 0) go.push_back(sg0);
+    if (go.empty() && !waiting.empty()) go.push_back(waiting[rng() % waiting.size()]);
+    for (size_t sg0 : go) {
+      size_t sg1 = std::min(n, sg0 + 32);
       uint32_t mask = 0;
       for (size_t i = sg0; i < sg1; ++i)
         if (fs[i].state != DONE) mask |= 1u << (i - sg0);
@@ -331,6 +410,7 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
         if (!(mask >> lane & 1u)) std::memset(simd.slots[parity][lane], 0xFF, 32);
       for (size_t i = sg0; i < sg1; ++i)
         if (fs[i].state != DONE) fs[i].state = READY;
+      if (!mats_agree(sg0, sg1)) return false;
       released = true;
     }
     if (released) continue;
@@ -350,6 +430,7 @@ inline bool run_group(int schedule, std::mt19937_64& rng) {
                      " not reached by " + std::to_string(returned) + " thread(s) that returned";
       return false;
     }
+    if (!all_mats_agree()) return false;
     for (auto& f : fs) f.state = READY;
   }
 }

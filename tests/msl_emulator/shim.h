@@ -2,6 +2,7 @@
 // `mx.fast.metal_kernel` to compile with g++ and run on the emulator's fibers (runtime.cpp).
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 
@@ -113,6 +114,7 @@ EMU_VEC_TYPES(ushort, ushort)
 EMU_VEC_TYPES(char, char)
 EMU_VEC_TYPES(uchar, uchar)
 EMU_VEC_TYPES(bool, bool)
+EMU_VEC_TYPES(ulong, ulong)
 #undef EMU_VEC_TYPES
 
 namespace emu {
@@ -133,6 +135,9 @@ void barrier(int line, bool simd_only);
 void simd_exchange(const void* value, int size, int line, unsigned char (**all)[32][32],
                    uint32_t* active, uint32_t* lane);
 void* tg_alloc(int slot, size_t bytes);
+void report(int line, const char* what);  // a kernel error: the dispatch fails with it
+void mat_note(int line, const void* data, int size);  // a simdgroup_matrix operation, per lane
+uint lane_index();  // the calling GPU thread's index in its SIMD group
 }  // namespace emu
 
 namespace metal {
@@ -257,6 +262,133 @@ template <class T> inline T simd_shuffle_up(T v, ushort delta, int line = __buil
 template <class T> inline T simd_shuffle_xor(T v, ushort mask, int line = __builtin_LINE()) {
   return emu_collective(v, line,
                         [mask](const T* vals, uint32_t, uint32_t lane) { return vals[(lane ^ mask) & 31]; });
+}
+
+// simdgroup_matrix (8x8): each lane holds two elements, row r and columns c, c + 1 of the matrix,
+// at the coordinates Apple GPUs use (as MLX's steel MMA fragments document them): lane bits
+// b4 b3 b2 b1 b0 hold r = 4 b4 + 2 b2 + b1, c = 4 b3 + 2 b0. Loads, stores and multiplies are
+// SIMD-group collectives: every lane of a full SIMD group must reach the same one with the same
+// arguments, else the dispatch fails naming the line. A matrix not yet written holds NaN poison.
+// Each lane loads and stores its own elements without a switch point (the runtime compares the
+// lanes' operations, lines and arguments, whenever they meet); a multiply exchanges elements.
+inline void emu_mat_coord(uint lane, uint& r, uint& c) {
+  r = (lane >> 4 & 1u) * 4u + (lane >> 2 & 1u) * 2u + (lane >> 1 & 1u);
+  c = (lane >> 3 & 1u) * 4u + (lane & 1u) * 2u;
+}
+inline uint emu_mat_lane(uint r, uint c) {  // the lane holding element (r, c), at index c % 2
+  return (r >> 2) << 4 | (c >> 2) << 3 | (r >> 1 & 1u) << 2 | (r & 1u) << 1 | (c >> 1 & 1u);
+}
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "msl_emulator: only 8x8 simdgroup matrices");
+  vec<T, 2> e;
+  simdgroup_matrix() { std::memset(&e, 0xFF, sizeof e); }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, Cols, Rows> m;
+  m.e = vec<T, 2>(value);
+  return m;
+}
+
+// One exchange among the SIMD group's lanes (a switch point); fails the dispatch unless all 32
+// lanes take part. Returns the calling lane; `all` points at every lane's posted bytes.
+template <class T>
+inline uint emu_mat_exchange(const T& mine, const char* what, int line,
+                             unsigned char (**all)[32][32]) {
+  static_assert(sizeof(T) <= 32, "exchange value too large");
+  uint32_t active, lane;
+  emu::simd_exchange(&mine, int(sizeof(T)), line, all, &active, &lane);
+  if (active != 0xFFFFFFFFu) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s with inactive lanes in the SIMD group", what);
+    emu::report(line, msg);
+  }
+  return lane;
+}
+
+struct EmuMatArgs {
+  const void* ptr;
+  ulong elements_per_row;
+  ulong origin_x, origin_y;
+};
+// A load or store: noted for the runtime's comparison of the lanes. Returns the calling lane.
+inline uint emu_mat_note(const void* ptr, ulong elements_per_row, ulong2 origin, bool transpose,
+                         const char* what, int line) {
+  const EmuMatArgs args{ptr, elements_per_row * 2u + (transpose ? 1u : 0u), origin.x, origin.y};
+  emu::mat_note(line, &args, sizeof args);
+  if (origin.x || origin.y) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s with a matrix_origin: not emulated, offset the pointer", what);
+    emu::report(line, msg);
+  }
+  return emu::lane_index();
+}
+
+template <class T, int Cols, int Rows>
+inline void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src,
+                           ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
+                           bool transpose_matrix = false, int line = __builtin_LINE()) {
+  const uint lane =
+      emu_mat_note(src, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_load", line);
+  uint r, c;
+  emu_mat_coord(lane, r, c);
+  for (uint i = 0; i < 2u; ++i)
+    d.e[i] = transpose_matrix ? src[(c + i) * elements_per_row + r] : src[r * elements_per_row + c + i];
+}
+
+template <class T, int Cols, int Rows>
+inline void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, T* dst,
+                            ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0),
+                            bool transpose_matrix = false, int line = __builtin_LINE()) {
+  const uint lane =
+      emu_mat_note(dst, elements_per_row, matrix_origin, transpose_matrix, "simdgroup_store", line);
+  uint r, c;
+  emu_mat_coord(lane, r, c);
+  for (uint i = 0; i < 2u; ++i)
+    (transpose_matrix ? dst[(c + i) * elements_per_row + r] : dst[r * elements_per_row + c + i]) =
+        a.e[i];
+}
+
+// d = a * b + c: every lane posts its elements of a and b, then computes its two elements of d
+// from row r of a and columns c, c + 1 of b (products summed in float32 over k = 0..7).
+template <class T, int Cols, int Rows, int K>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
+                                          const simdgroup_matrix<T, K, Rows>& a,
+                                          const simdgroup_matrix<T, Cols, K>& b,
+                                          const simdgroup_matrix<T, Cols, Rows>& c,
+                                          int line = __builtin_LINE()) {
+  struct Parts {
+    vec<T, 2> a, b;
+  };
+  const Parts mine{a.e, b.e};
+  const vec<T, 2> acc = c.e;
+  emu::mat_note(line, nullptr, 0);
+  unsigned char (*all)[32][32];
+  const uint lane = emu_mat_exchange(mine, "simdgroup_multiply_accumulate", line, &all);
+  auto part = [all](uint l) {
+    Parts p;
+    std::memcpy(&p, (*all)[l], sizeof p);
+    return p;
+  };
+  uint r, c0;
+  emu_mat_coord(lane, r, c0);
+  float s[2] = {float(acc[0]), float(acc[1])};
+  for (uint k = 0; k < 8u; ++k) {
+    const float av = float(part(emu_mat_lane(r, k)).a[k & 1u]);
+    for (uint i = 0; i < 2u; ++i) s[i] += av * float(part(emu_mat_lane(k, c0 + i)).b[(c0 + i) & 1u]);
+  }
+  d.e = vec<T, 2>(T(s[0]), T(s[1]));
+}
+
+template <class T, int Cols, int Rows, int K>
+inline void simdgroup_multiply(simdgroup_matrix<T, Cols, Rows>& d,
+                               const simdgroup_matrix<T, K, Rows>& a,
+                               const simdgroup_matrix<T, Cols, K>& b, int line = __builtin_LINE()) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, Cols, Rows>(T(0)), line);
 }
 }  // namespace metal
 
