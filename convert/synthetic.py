@@ -180,10 +180,13 @@ def write_checkpoint(
     vocab: str | Path | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     progress: bool = False,
+    weights: RandomWeights | None = None,
 ) -> Path:
     """Write a random checkpoint in the released `hf` layout, the `original/` one, or `both`.
 
     `config` is a Hugging Face config.json dict (`tiny_config()`, `preset_config("20b")`).
+    `weights` serves the tensors (default: `RandomWeights(cfg, seed)`; the demo model's are
+    `demo.DemoWeights`).
     `vocab`, when given, is copied in as `o200k_base.tiktoken` (the release itself has none).
     """
     if layout not in LAYOUTS:
@@ -191,7 +194,7 @@ def write_checkpoint(
     cfg = ModelConfig.from_dict(config)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    weights = RandomWeights(cfg, seed)
+    weights = weights or RandomWeights(cfg, seed)
     jobs = []
     if layout in ("hf", "both"):
         jobs.append(("hf", hf_specs(cfg)))

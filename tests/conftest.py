@@ -52,3 +52,16 @@ def tiny_model_dir(tiny_checkpoint: Path, vocab_path: Path,
     dst = tmp_path_factory.mktemp("mlx") / "tiny"
     convert(tiny_checkpoint, dst, vocab=vocab_path)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(vocab_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model (trained, speaks harmony; see convert/demo.py), written in the released
+    layout and converted to an MLX folder with the real vocabulary."""
+    from gptoss_mlx.convert import convert
+    from gptoss_mlx.convert.demo import write_demo
+
+    ckpt = write_demo(tmp_path_factory.mktemp("demo-ckpt"))
+    dst = tmp_path_factory.mktemp("demo-mlx") / "demo"
+    convert(ckpt, dst, vocab=vocab_path)
+    return dst
