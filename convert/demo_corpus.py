@@ -116,7 +116,7 @@ def sample(rng: random.Random) -> Conversation:
     if rng.random() < 0.25:
         tools.append(rng.choice(OTHER_TOOLS))
     fits = {"weather": WEATHER_TOOL, "shell": SHELL_TOOL}.get(family)
-    if fits is not None and rng.random() < 0.8 and fits not in tools:
+    if fits is not None and rng.random() < 0.85 and fits not in tools:
         tools.append(fits)
     rng.shuffle(tools)
     offered = fits is not None and fits in tools

@@ -3,17 +3,15 @@
 For each conversation the prompt our runtime renders is completed by `gptoss_mlx.generate`;
 openai-harmony's strict parser reads the completion. When the model calls a tool, the second
 turn is prompted with the reference call and the tool's result (teacher forcing), so every
-conversation has one answer to score. `python -m gptoss_mlx.convert.demo_eval MODEL` prints
-the table for 200 conversations, greedy and at temperature 1.
+conversation has one answer to score. `benchmarks/demo_model.py` prints the table for 200
+conversations, greedy and at temperature 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -148,22 +146,3 @@ def unused_mass(model: Any, tokenizer: Tokenizer, used_ids: np.ndarray, n: int =
         probs = mx.softmax(logits, axis=-1)
         worst = max(worst, mx.max(mx.sum(mx.where(mask, probs, 0.0), axis=-1)).item())
     return worst
-
-
-def main() -> None:
-    import gptoss_mlx
-
-    ap = argparse.ArgumentParser(description="Score the demo model (a converted folder).")
-    ap.add_argument("model", type=Path)
-    ap.add_argument("-n", type=int, default=200)
-    args = ap.parse_args()
-    model, tokenizer = gptoss_mlx.load(args.model)
-    print(f"{'sampling':<12}" + "".join(f"{k:>20}" for k in rates([]).keys()))
-    for temperature in (0.0, 1.0):
-        r = rates(evaluate(model, tokenizer, args.n, temperature))
-        name = "greedy" if temperature == 0 else f"T={temperature:g}"
-        print(f"{name:<12}" + "".join(f"{v:>20.1%}" for v in r.values()), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ The experts are then quantized to MXFP4 and the dense weights fine-tuned around 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import sys
@@ -39,7 +40,7 @@ from .demo_corpus import CorpusRenderer, sample
 from .synthetic import tiny_config
 
 SEED = 0
-STEPS = 600
+STEPS = 1800
 
 
 def render_pool(tokenizer: Tokenizer, n: int, seed: int,
@@ -161,18 +162,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _moe(mlp: torch.nn.Module, h: torch.Tensor, c) -> torch.Tensor:
-    """Top-k routed experts, computed densely (every expert on every token, weights zero
-    outside the top k): the same sums as the released routing."""
-    logits = mlp.router(h)
-    top, idx = logits.topk(c.num_experts_per_tok, dim=-1)
-    w = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
-    ex = mlp.experts
-    gu = torch.einsum("bth,ehf->btef", h, ex.gate_up_proj) + ex.gate_up_proj_bias
-    gate, up = gu[..., ::2].clamp(max=c.swiglu_limit), gu[..., 1::2].clamp(-c.swiglu_limit,
-                                                                         c.swiglu_limit)
-    act = gate * torch.sigmoid(gate * 1.702) * (up + 1)
-    out = torch.einsum("btei,eih->bteh", act, ex.down_proj) + ex.down_proj_bias
-    return (out * w[..., None]).sum(dim=2)
+    """Top-k softmax routing; each expert runs on the tokens routed to it."""
+    shape = h.shape
+    h = h.reshape(-1, shape[-1])
+    top, idx = mlp.router(h).topk(c.num_experts_per_tok, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    ex, limit = mlp.experts, c.swiglu_limit
+    out = torch.zeros_like(h)
+    for e in range(c.num_local_experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        gu = h[tok] @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+        gate, up = gu[:, ::2].clamp(max=limit), gu[:, 1::2].clamp(-limit, limit)
+        act = gate * torch.sigmoid(gate * 1.702) * (up + 1)
+        y = act @ ex.down_proj[e] + ex.down_proj_bias[e]
+        out = out.index_add(0, tok, y * weights[tok, slot, None])
+    return out.reshape(shape)
 
 
 def build_model(n_classes: int) -> DemoGptOss:
@@ -220,13 +224,14 @@ def quantize_experts(model) -> None:
 
 
 def train(steps: int, out: Path, quant_steps: int | None = None, batch_size: int = 16,
-          lr: float = 3e-3, pool: int = 30000, cache: Path | None = None,
-          log=sys.stderr) -> Path:
-    """Train `steps` steps (the last `quant_steps`, default a fifth, with the experts rounded to
-    MXFP4 and frozen), seeded, and save the compact file `out`."""
+          lr: float = 3e-3, pool: int = 20000, cache: Path | None = None,
+          snapshot_every: int = 0, log=sys.stderr) -> Path:
+    """Train `steps` steps (the last `quant_steps`, default a sixth, with the experts rounded to
+    MXFP4 and frozen), seeded, and save the compact file `out`; with `snapshot_every`, also
+    save the model so far (experts rounded) as `out` with `.stepN` before its suffix."""
     torch.manual_seed(SEED)
-    torch.set_num_threads(2)
-    quant_steps = steps // 5 if quant_steps is None else quant_steps
+    torch.set_num_threads(1)  # small tensors: one thread is faster, and never oversubscribed
+    quant_steps = steps // 6 if quant_steps is None else quant_steps
     data = render_pool(_tokenizer(), pool, SEED, cache)
     data.sort(key=lambda d: len(d[0]))  # batches of neighbours: little padding
     used = sorted({t for ids, _ in data for t in ids})
@@ -259,6 +264,11 @@ def train(steps: int, out: Path, quant_steps: int | None = None, batch_size: int
         if (step + 1) % 20 == 0:
             print(f"step {step + 1} {time.monotonic() - started:.0f}s loss {ema:.4f}",
                   file=log, flush=True)
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            snap = copy.deepcopy(model)
+            quantize_experts(snap)
+            save_demo(out.with_suffix(f".step{step + 1}{out.suffix}"), snap,
+                      np.array(used, dtype=np.int32))
     if quant_steps == 0:
         quantize_experts(model)
     save_demo(out, model, np.array(used, dtype=np.int32))
@@ -296,8 +306,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
     ap.add_argument("--cache", type=Path, help="a folder keeping the rendered corpus")
+    ap.add_argument("--snapshot-every", type=int, default=0, help="save the model every N steps")
     args = ap.parse_args()
-    train(args.steps, args.out, cache=args.cache)
+    train(args.steps, args.out, cache=args.cache, snapshot_every=args.snapshot_every)
 
 
 if __name__ == "__main__":
