@@ -1,7 +1,7 @@
 """The demo model through our MLX runtime: the issue-13 acceptance table over held-out
 conversations, greedy and at temperature 1.
 
-    python benchmarks/demo_model.py [--weights FILE] [-n 200] [--vocab PATH]
+    python benchmarks/demo_model.py [--weights FILE] [-n 200] [--vocab PATH] [--temperatures 0 1]
 
 Expands the compact demo weights (default: the packaged ones) to the released layout, converts
 them, and scores `n` held-out conversations (`gptoss_mlx.convert.demo_eval`): strict harmony
@@ -33,19 +33,20 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=DEMO_WEIGHTS)
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--vocab", type=Path, default=VOCAB)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_demo(Path(tmp) / "ckpt", weights=args.weights)
         convert(Path(tmp) / "ckpt", Path(tmp) / "mlx", vocab=args.vocab, progress=False)
         model, tokenizer = load(Path(tmp) / "mlx")
-        table(model, tokenizer, args.n, args.weights)
+        table(model, tokenizer, args.n, args.weights, args.temperatures)
 
 
-def table(model, tokenizer, n: int, weights: Path) -> None:
+def table(model, tokenizer, n: int, weights: Path, temperatures: list[float]) -> None:
     """Print the acceptance table for `n` conversations."""
     keys = list(rates([]))
     print(f"{'sampling':<10}" + "".join(f"{k:>20}" for k in keys) + f"{'seconds':>9}")
-    for temperature in (0.0, 1.0):
+    for temperature in temperatures:
         started = time.perf_counter()
         r = rates(evaluate(model, tokenizer, n, temperature))
         name = "greedy" if temperature == 0 else f"T={temperature:g}"

@@ -225,14 +225,14 @@ def quantize_experts(model) -> None:
 
 def train(steps: int, out: Path, quant_steps: int | None = None, batch_size: int = 16,
           lr: float = 3e-3, pool: int = 20000, cache: Path | None = None,
-          snapshot_every: int = 0, log=sys.stderr) -> Path:
+          snapshot_every: int = 0, vocab: Path | None = None, log=sys.stderr) -> Path:
     """Train `steps` steps (the last `quant_steps`, default a sixth, with the experts rounded to
     MXFP4 and frozen), seeded, and save the compact file `out`; with `snapshot_every`, also
     save the model so far (experts rounded) as `out` with `.stepN` before its suffix."""
     torch.manual_seed(SEED)
     torch.set_num_threads(1)  # small tensors: one thread is faster, and never oversubscribed
     quant_steps = steps // 6 if quant_steps is None else quant_steps
-    data = render_pool(_tokenizer(), pool, SEED, cache)
+    data = render_pool(_tokenizer(vocab), pool, SEED, cache)
     data.sort(key=lambda d: len(d[0]))  # batches of neighbours: little padding
     used = sorted({t for ids, _ in data for t in ids})
     index = np.full(VOCAB_SIZE, len(used), dtype=np.int64)
@@ -290,12 +290,13 @@ def _batch(data: list[tuple[list[int], list[int]]], index: np.ndarray,
     return torch.from_numpy(x), torch.from_numpy(m)
 
 
-def _tokenizer() -> Tokenizer:
+def _tokenizer(vocab: Path | None) -> Tokenizer:
+    """o200k_harmony from `vocab`, else from a `shared/tokenizer/` folder above this file."""
     from .vocab import find_vocab
 
     here = Path(__file__).resolve()
     candidates = [p / "shared" / "tokenizer" for p in here.parents]
-    path, _ = find_vocab([c for c in candidates if c.is_dir()], None)
+    path, _ = find_vocab([c for c in candidates if c.is_dir()], vocab)
     if path is None:
         raise SystemExit("demo_train: no o200k_base.tiktoken found (shared/tokenizer/)")
     return Tokenizer(path)
@@ -307,8 +308,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
     ap.add_argument("--cache", type=Path, help="a folder keeping the rendered corpus")
     ap.add_argument("--snapshot-every", type=int, default=0, help="save the model every N steps")
+    ap.add_argument("--vocab", type=Path, help="o200k_base.tiktoken (default: shared/tokenizer/)")
     args = ap.parse_args()
-    train(args.steps, args.out, cache=args.cache, snapshot_every=args.snapshot_every)
+    train(args.steps, args.out, cache=args.cache, snapshot_every=args.snapshot_every,
+          vocab=args.vocab)
 
 
 if __name__ == "__main__":

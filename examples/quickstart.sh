@@ -15,4 +15,4 @@ vocab=${VOCAB:-../shared/tokenizer/o200k_base.tiktoken}
 .venv/bin/gptoss-mlx synthesize "$out/demo-checkpoint" --preset demo --layout both --force
 .venv/bin/gptoss-mlx convert "$out/demo-checkpoint" "$out/demo-mlx" --vocab "$vocab" --force
 .venv/bin/gptoss-mlx generate -m "$out/demo-mlx" -p "Spell rocket backwards." \
-    --show-reasoning full --max-tokens 64 --seed 0
+    --show-reasoning full --max-tokens 64 --temperature 0
