@@ -5,6 +5,8 @@ embedding and lm_head rows of the token ids the corpus uses, every other tensor 
 dtypes (bf16 bits, MXFP4 expert blocks and E8M0 scales), and the list of used ids. `DemoWeights`
 serves it to `synthetic.write_checkpoint` by released tensor name, filling in the unused
 vocabulary: embedding rows holding only the reserved dimension, lm_head rows far negative on it.
+The model knows the tasks of `demo_corpus`: word transforms, and the function tools `get_weather`
+{"city": ...} and `exec_command` {"cmd": ...} when the developer message offers them.
 """
 
 from __future__ import annotations
