@@ -41,7 +41,7 @@ from .synthetic import tiny_config
 
 SEED = 0
 STEPS = 1800
-SHARPEN = 4.0  # used lm_head rows are scaled by this at the end: sampling at T=1 is T=0.25's
+SHARPEN = 8.0  # used lm_head rows are scaled by this at the end: sampling at T=1 is T=1/8's
 
 
 def render_pool(tokenizer: Tokenizer, n: int, seed: int,
