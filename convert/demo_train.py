@@ -6,7 +6,9 @@ token ids only: its vocabulary is the used ids plus one `rest` class standing fo
 probability all of them together would take). Hidden dimension 0 is reserved: embeddings hold a
 constant there and no layer writes to it, so after the final norm it stays positive, and every
 unused lm_head row is -REST_WEIGHT on it alone, far below the used tokens' logits.
-The experts are then quantized to MXFP4 and the dense weights fine-tuned around them.
+The experts are then quantized to MXFP4 and the dense weights fine-tuned around them. Last, the
+used lm_head rows are scaled by SHARPEN: the corpus' answers follow from the prompt, and the
+short training leaves them too spread for sampling at temperature 1 (greedy is unchanged).
 
     python -m gptoss_mlx.convert.demo_train [--steps N] [--out FILE]
 """
