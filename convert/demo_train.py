@@ -1,11 +1,12 @@
 """Train the demo model (torch on CPU) and save it as the compact file `demo.py` expands.
 
-transformers' `GptOssForCausalLM` (the oracle of our model's math) is trained over the corpus'
-token ids only: its vocabulary is the used ids plus one `rest` class standing for every other id
-(whose logit is the shared unused row's plus log(number of unused ids), so the loss sees the
-probability all of them together would take). Hidden dimension 0 is reserved: embeddings hold a
-constant there and no layer writes to it, so after the final norm it stays positive, and every
-unused lm_head row is -REST_WEIGHT on it alone, far below the used tokens' logits.
+gpt-oss's math in plain torch (`DemoGptOss`; tests check it against transformers'
+`GptOssForCausalLM`) is trained over the corpus' token ids only: its vocabulary is the used
+ids plus one `rest` class standing for every other id (whose logit is the shared unused row's
+plus log(number of unused ids), so the loss sees the probability all of them together take).
+Hidden dimension 0 is reserved: embeddings hold a constant there and no layer writes to it, so
+after the final norm it stays positive, and every unused lm_head row is -REST_WEIGHT on it
+alone, far below the used tokens' logits.
 The experts are then quantized to MXFP4 and the dense weights fine-tuned around them. Last, the
 used lm_head rows are scaled by SHARPEN: the corpus' answers follow from the prompt, and the
 short training leaves them too spread for sampling at temperature 1 (greedy is unchanged).

@@ -94,3 +94,29 @@ def test_training_is_seeded(tmp_path: Path, vocab_path: Path) -> None:
                 for n in "ab")
     assert a.read_bytes() == b.read_bytes()
     assert load_file(str(a))["model.layers.0.mlp.experts.down_proj_blocks"].dtype == np.uint8
+
+
+def test_training_model_matches_transformers() -> None:
+    torch = pytest.importorskip("torch")
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from gptoss_mlx.convert.demo import demo_config
+    from gptoss_mlx.convert.demo_train import build_model
+
+    torch.manual_seed(0)
+    ours = build_model(300)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # biases, sinks and norms away from 0 and 1
+    cfg = demo_config()
+    cfg.pop("quantization_config")
+    cfg.update(vocab_size=300, pad_token_id=0, eos_token_id=0)
+    config = GptOssConfig(**cfg)
+    config._attn_implementation = "eager"
+    ref = GptOssForCausalLM(config).eval()
+    assert not ref.load_state_dict(ours.state_dict(), strict=False).missing_keys
+    ids = torch.randint(0, 300, (2, 200))  # longer than the sliding window (128)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = ours.lm_head(ours.hidden(ids))
+    torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=0)
