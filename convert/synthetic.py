@@ -179,6 +179,7 @@ def write_checkpoint(
     vocab: bytes | str | Path | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     progress: bool = False,
+    weights: RandomWeights | None = None,
 ) -> Path:
     """Write a random checkpoint in the released `hf` layout, the `original/` one, or `both`.
 
@@ -186,13 +187,15 @@ def write_checkpoint(
     With `vocab` (o200k_base.tiktoken: its path or bytes) the root gets the release's tokenizer and
     generation files, built from it (`release_files`), and no vocabulary file, as the release;
     without it only the weights, config.json and generation_config.json are written.
+    `weights` serves the tensors (default: `RandomWeights(cfg, seed)`; the demo model's are
+    `demo.DemoWeights`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     cfg = ModelConfig.from_dict(config)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    weights = RandomWeights(cfg, seed)
+    weights = weights or RandomWeights(cfg, seed)
     jobs = []
     if layout in ("hf", "both"):
         jobs.append(("hf", hf_specs(cfg)))

@@ -114,3 +114,16 @@ def scripted_server(vocab_path: Path) -> Iterator[LoopbackServer]:
     tokenizer = Tokenizer(vocab_path)
     with served(ScriptedModel(tokenizer), tokenizer) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(vocab_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model (trained, speaks harmony; see convert/demo.py), written in the released
+    layout with the release's tokenizer files and converted to an MLX folder."""
+    from gptoss_mlx.convert import convert
+    from gptoss_mlx.convert.demo import write_demo
+
+    ckpt = write_demo(tmp_path_factory.mktemp("demo-ckpt"), vocab=vocab_path)
+    dst = tmp_path_factory.mktemp("demo-mlx") / "demo"
+    convert(ckpt, dst, progress=False)
+    return dst
