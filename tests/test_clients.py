@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from clients import installed
-from loopback import Exchange, LoopbackServer, sse
+from loopback import Exchange, LoopbackServer, served, sse
 from scripted_model import ScriptedModel, Turn, call, final
 
 WEATHER_FN = {
@@ -181,7 +182,16 @@ def test_codex_exec_shell_round_trip_then_resumed_turn_reuses_the_cache(
 # answers exactly. A model answering on its own joins with a session fixture yielding
 # `loopback.served(*gptoss_mlx.load(its_dir))` and that fixture's name here; the test then
 # checks that the tool ran and the run ended with an answer, unforced.
-AGENT_SERVERS = ["weather"]
+AGENT_SERVERS = ["weather", "demo_server"]
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_model_dir: Path) -> Iterator[LoopbackServer]:
+    """The demo model (trained to call get_weather when asked about the weather), served."""
+    import gptoss_mlx
+
+    with served(*gptoss_mlx.load(demo_model_dir)) as server:
+        yield server
 
 
 @pytest.fixture(params=AGENT_SERVERS)
@@ -196,6 +206,7 @@ def test_openai_agents_tool_loop(agent_server: LoopbackServer, api: str, streame
 
     from agents import (
         Agent,
+        ModelSettings,
         OpenAIChatCompletionsModel,
         OpenAIResponsesModel,
         Runner,
@@ -218,7 +229,8 @@ def test_openai_agents_tool_loop(agent_server: LoopbackServer, api: str, streame
         kind = OpenAIResponsesModel if api == "responses" else OpenAIChatCompletionsModel
         agent = Agent(name="weather", instructions="Answer with the tool's help.",
                       model=kind(model=agent_server.model_id, openai_client=client),
-                      tools=[get_weather])
+                      # greedy: the demo model's run is the same every time (tool_choice unset)
+                      model_settings=ModelSettings(temperature=0), tools=[get_weather])
         if not streamed:
             return await Runner.run(agent, QUESTION, max_turns=4), []
         result = Runner.run_streamed(agent, QUESTION, max_turns=4)
