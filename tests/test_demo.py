@@ -58,7 +58,9 @@ def test_synthesize_demo_writes_the_released_layout(tmp_path: Path, vocab_path: 
     blocks = hf["model.layers.0.mlp.experts.gate_up_proj_blocks"]
     assert blocks.dtype == mx.uint8 and blocks.shape == (8, 128, 2, 16)
     assert mx.array_equal(orig["block.0.mlp.mlp1_weight.blocks"], blocks).item()
-    assert (dst / "o200k_base.tiktoken").is_file()
+    # the release's file set: tokenizer files, no vocabulary file (convert rebuilds it)
+    assert (dst / "tokenizer.json").is_file() and (dst / "generation_config.json").is_file()
+    assert not (dst / "o200k_base.tiktoken").exists()
 
 
 @pytest.fixture(scope="module")
