@@ -12,43 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import uvicorn
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+from serving import HOST, running
 
-HOST = "127.0.0.1"
 EVENT = TypeAdapter(ResponseStreamEvent)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app: Any, timeout: float = 60) -> Iterator[int]:
-    """Run `app` on a free loopback port (its lifespan starts the engine); yields the port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @dataclasses.dataclass
@@ -138,7 +110,7 @@ def served(model: Any, tokenizer: Any, model_id: str = "gpt-oss-20b") -> Iterato
 
     engine = Engine(model, tokenizer, current_date="2025-08-05")
     capture = Capture(create_app(engine, model_id))
-    with serving(capture) as port:
+    with running(capture) as port:
         yield LoopbackServer(port, model_id, capture, model)
 
 

@@ -23,9 +23,9 @@ import mlx.core as mx
 import openai
 import openai_harmony as oh
 import pytest
-import uvicorn
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
+from serving import HOST, running
 
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import common_prefix
@@ -34,7 +34,6 @@ from gptoss_mlx.server.app import create_app, default_model_id
 from gptoss_mlx.server.engine import Engine
 
 API_KEY = "test-key"
-HOST = "127.0.0.1"
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -160,12 +159,6 @@ class Server:
             conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def run_server(tiny_model_dir: Path) -> Iterator[Server]:
     """The server on the tiny model, in a thread on a free loopback port."""
@@ -175,19 +168,8 @@ def run_server(tiny_model_dir: Path) -> Iterator[Server]:
     engine = Engine(model, tokenizer, current_date="2025-08-05")
     model_id = default_model_id(tiny_model_dir, model.config.num_hidden_layers)
     app = create_app(engine, model_id, api_key=API_KEY)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
+    with running(app) as port:
         yield Server(port, engine, tokenizer, model, model_id)
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,11 @@ from typing import Any
 import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
-from serving import open_stream, read_response, request_head
-
-HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from serving import HOST, free_port, open_stream, read_response, request_head
 
 
 def test_serve_command(tiny_model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(tiny_model_dir),
          "--port", str(port), "--api-key", "secret", "--log-level", "warning"],
@@ -95,7 +87,7 @@ def _rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    port = _free_port()
+    port = free_port()
     proc = _start(tiny_model_dir, port, "--api-key", "secret")
     yield proc, port
     proc.terminate()
@@ -162,7 +154,7 @@ def _post_all(port: int, body: bytes, headers: dict[str, str],
 
 
 def test_sigterm_mid_stream_ends_the_streams_and_exits(tiny_model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _start(tiny_model_dir, port)
     try:
         chat = open_stream(port, {"messages": [{"role": "user", "content": "Go on"}],
