@@ -11,7 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SHA256
+from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SHA256, VocabularyError
+from gptoss_mlx.chat.tokenizer import read_vocab as tokenizer_vocab
 
 from .source import ConvertError
 
@@ -60,16 +61,10 @@ def vocab_from_tokenizer_json(path: str | Path) -> bytes:
 
 def read_vocab(path: str | Path) -> bytes:
     """The bytes of an `o200k_base.tiktoken` file, checked against its sha256."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"{path}: vocabulary file not found")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != VOCAB_SHA256:
-        raise ConvertError(
-            f"{path}: not the o200k_base vocabulary (sha256 {digest}, expected {VOCAB_SHA256})"
-        )
-    return data
+    try:
+        return tokenizer_vocab(Path(path))
+    except VocabularyError as e:
+        raise ConvertError(str(e)) from None
 
 
 def find_vocab(folders: list[Path], explicit: str | Path | None = None) -> bytes:

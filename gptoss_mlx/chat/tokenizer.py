@@ -84,20 +84,25 @@ class VocabularyError(ValueError):
     """The vocabulary file is missing or is not o200k_base."""
 
 
+def read_vocab(path: Path) -> bytes:
+    """The bytes of an `o200k_base.tiktoken` file, checked against its sha256
+    (VocabularyError, one line, when it is missing or another vocabulary)."""
+    if not path.is_file():
+        raise VocabularyError(f"{path}: vocabulary file not found")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VOCAB_SHA256:
+        raise VocabularyError(f"{path}: not the o200k_base vocabulary (sha256 {digest[:12]}..., "
+                              f"expected {VOCAB_SHA256[:12]}...)")
+    return data
+
+
 class Tokenizer:
     """o200k_harmony over a local vocabulary file, plus the harmony renderer that shares it."""
 
     def __init__(self, vocab_path: str | os.PathLike[str]):
         path = Path(vocab_path)
-        if not path.is_file():
-            raise VocabularyError(f"{path}: vocabulary file not found")
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != VOCAB_SHA256:
-            raise VocabularyError(
-                f"{path}: not the o200k_base vocabulary (sha256 {digest[:12]}..., "
-                f"expected {VOCAB_SHA256[:12]}...)"
-            )
+        read_vocab(path)  # one clear line for a missing or foreign file
         self.vocab_path = path
         self.encoding = tiktoken.Encoding(
             name="o200k_harmony",
