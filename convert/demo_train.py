@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptoss_mlx.chat.tokenizer import VOCAB_SIZE, Tokenizer
+from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, VOCAB_SIZE, Tokenizer
 
 from .demo import (
     DEMO_SHAPE,
@@ -298,14 +298,13 @@ def _batch(data: list[tuple[list[int], list[int]]], index: np.ndarray,
 
 def _tokenizer(vocab: Path | None) -> Tokenizer:
     """o200k_harmony from `vocab`, else from a `shared/tokenizer/` folder above this file."""
-    from .vocab import find_vocab
-
     here = Path(__file__).resolve()
-    candidates = [p / "shared" / "tokenizer" for p in here.parents]
-    path, _ = find_vocab([c for c in candidates if c.is_dir()], vocab)
+    found = (p / "shared" / "tokenizer" / VOCAB_FILENAME for p in here.parents)
+    path = Path(vocab) if vocab else next((f for f in found if f.is_file()), None)
     if path is None:
-        raise SystemExit("demo_train: no o200k_base.tiktoken found (shared/tokenizer/)")
-    return Tokenizer(path)
+        raise SystemExit(f"demo_train: no {VOCAB_FILENAME} found (shared/tokenizer/); "
+                         "pass --vocab PATH")
+    return Tokenizer(path)  # checks its sha256
 
 
 def main() -> None:

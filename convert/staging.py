@@ -120,16 +120,25 @@ def _terminating_signals_raise() -> Iterator[None]:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP back until the block is done (where the platform can):
-    between its renames, DST is briefly absent."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Hold Ctrl-C, SIGTERM and SIGHUP back until the block is done (between its renames, DST
+    is briefly absent), then deliver the first one held. Python runs signal handlers in the
+    main thread whichever thread the signal reached, so recording handlers hold it back where
+    a signal mask on the main thread would not (another thread may take the signal)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *TERMINATING})
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, *TERMINATING)}
+    for s, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        signal.raise_signal(held[0])  # to the handler in place before the block
 
 
 def _replace(tmp: Path, dst: Path) -> None:

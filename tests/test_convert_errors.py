@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -388,9 +389,17 @@ def test_sigterm_between_the_renames_of_force_waits(tmp_path: Path,
         return moved
 
     monkeypatch.setattr(Path, "rename", rename_then_signal)
-    with pytest.raises(staging.Terminated) as info:
-        with staging.staged_folder(dst, force=True) as tmp:
-            (tmp / "new.txt").write_text("new")
+    # other threads running (a server's, MLX's) may be the ones the kernel hands the signal to
+    done = threading.Event()
+    others = [threading.Thread(target=done.wait, daemon=True) for _ in range(4)]
+    for thread in others:
+        thread.start()
+    try:
+        with pytest.raises(staging.Terminated) as info:
+            with staging.staged_folder(dst, force=True) as tmp:
+                (tmp / "new.txt").write_text("new")
+    finally:
+        done.set()
     assert info.value.code == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
