@@ -11,6 +11,7 @@ The experts are then quantized to MXFP4 and the dense weights fine-tuned around 
 used lm_head rows are scaled by SHARPEN: the corpus' answers follow from the prompt, and the
 short training leaves them too spread for sampling at temperature 1 (greedy is unchanged).
 
+    pip install 'gptoss-mlx[train]'     # torch: not a runtime dependency
     python -m gptoss_mlx.convert.demo_train [--steps N] [--out FILE]
 """
 
