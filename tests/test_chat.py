@@ -13,10 +13,10 @@ from test_generate import ScriptedModel
 
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.messages import Message
-from gptoss_mlx.chat.session import ChatSession
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import Done, common_prefix
 from gptoss_mlx.sampling import SamplingParams
+from gptoss_mlx.session import ChatSession
 
 GREEDY = SamplingParams(temperature=0)
 DATE = "2025-08-05"

@@ -9,5 +9,7 @@
   `drop_past_reasoning`, `tool_result`.
 - `parser`: `HarmonyStreamParser`, a tolerant incremental parser of generated tokens emitting
   `ParseEvent`s (message start, content delta, message end).
-- `session`: `ChatSession`, multi-turn chat reusing its KV cache (`gptoss_mlx.generate`).
+
+The format knows nothing of generation: `gptoss_mlx.session.ChatSession`, a multi-turn chat
+reusing its KV cache, sits above both.
 """

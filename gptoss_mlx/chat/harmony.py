@@ -5,7 +5,7 @@ Two entry points:
   chat (`[{"role": "user", "content": ...}, ...]`, tools as OpenAI function schemas) into a prompt
   ending in `<|start|>assistant`, ready for sampling.
 - `system`, `developer`, `message` and `assistant_start` render single pieces, so a session can
-  append only new messages to what its KV cache already holds (see `gptoss_mlx.chat.session`).
+  append only new messages to what its KV cache already holds (see `gptoss_mlx.session`).
 
 The system message carries the reasoning effort, knowledge cutoff and the current date; pin the
 date once per session (`SystemOptions(current_date=today())`) so rendered prefixes stay equal and

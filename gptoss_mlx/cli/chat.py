@@ -161,8 +161,8 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
 @interruptible
 def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
-    from gptoss_mlx.chat.session import ChatSession
     from gptoss_mlx.generate import NonFiniteLogitsError, context_limit
+    from gptoss_mlx.session import ChatSession
 
     check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
