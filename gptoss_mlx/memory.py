@@ -8,7 +8,8 @@
 Weights come from the safetensors headers (no tensor is read). The KV cache follows
 `gptoss_mlx.model.cache`: full-attention layers grow with the context in `GROW_STEP` steps,
 sliding layers keep `window + DEFAULT_SLACK + COMPACT_STEP` positions. Working buffers are the
-largest prefill chunk's activations (one layer at a time) plus the last-position logits.
+activations of the largest prefill chunk (`gptoss_mlx.generate.DEFAULT_PREFILL_CHUNK` tokens,
+one layer at a time) plus the last-position logits.
 On a Mac the budget is Metal's `max_recommended_working_set_size`; on Linux/CPU no limit applies.
 """
 
@@ -28,11 +29,11 @@ from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
 from gptoss_mlx.convert.safetensors_io import TensorSpec
 from gptoss_mlx.convert.source import ConvertError
+from gptoss_mlx.generate import DEFAULT_PREFILL_CHUNK
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
 from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
-DEFAULT_PREFILL_CHUNK = 512
 _FLOAT_CODES = {"BF16", "F16", "F32"}
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
