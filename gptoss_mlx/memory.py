@@ -18,12 +18,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import click
 
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
@@ -343,18 +340,3 @@ def ensure_fits(
     check_fits(plan, working_set)
     set_wired_limit(plan, working_set)
     return plan
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def max_context_option(f: F) -> F:
-    """The `--max-context N` click option (None: the model's full context)."""
-    return click.option(
-        "--max-context",
-        type=click.IntRange(min=1),
-        default=None,
-        show_default="the model's full context",
-        help="Longest context (prompt + answer) to plan and allow; a smaller one needs less "
-        "memory for the KV cache.",
-    )(f)

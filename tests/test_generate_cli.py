@@ -173,7 +173,7 @@ def test_channel_printer_routes_channels(vocab_path: Path, mode: str) -> None:
 
     from gptoss_mlx.chat.parser import HarmonyStreamParser
     from gptoss_mlx.chat.tokenizer import Tokenizer
-    from gptoss_mlx.cli.generate import ChannelPrinter
+    from gptoss_mlx.cli.terminal import ChannelPrinter
 
     tok = Tokenizer(vocab_path)
     ids = tok.encode(

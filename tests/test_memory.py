@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
+from gptoss_mlx.cli.options import max_context_option
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.converter import QUANTIZATION
 from gptoss_mlx.convert.layout import mlx_specs
@@ -21,7 +22,6 @@ from gptoss_mlx.memory import (
     WORKING_SET_ENV,
     MemoryPlanError,
     check_fits,
-    max_context_option,
     parse_bytes,
     plan_memory,
     working_set_limit,

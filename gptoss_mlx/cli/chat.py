@@ -9,17 +9,14 @@ from typing import Any
 
 import click
 
-from gptoss_mlx.cli.generate import (
-    ChannelPrinter,
-    PrefillProgress,
+from gptoss_mlx.cli.options import (
     check_instructions,
-    interruptible,
     load_model,
     model_options,
     sampling_params,
     system_options,
-    utf8_text,
 )
+from gptoss_mlx.cli.terminal import ChannelPrinter, PrefillProgress, interruptible, utf8_text
 
 HELP = """commands:
   /effort [low|medium|high]  show or set the reasoning effort

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from gptoss_mlx.memory import max_context_option, parse_bytes
+from gptoss_mlx.cli.options import load_model, max_context_option, model_option
+from gptoss_mlx.memory import parse_bytes
 
 DEFAULT_MAX_CONCURRENT = 8
 GRACEFUL_SHUTDOWN_SECONDS = 3
@@ -60,9 +61,7 @@ def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
 
 
 @click.command("serve")
-@click.option("-m", "--model", "model_path", required=True, metavar="DIR|REPO",
-              help="Converted MLX model folder, released checkpoint folder (root layout or "
-                   "original/), or Hugging Face repo id (downloaded once).")
+@model_option
 @click.option("--host", default="127.0.0.1",
               help="Address to bind; the default serves this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port.")
@@ -101,7 +100,6 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
 
     import uvicorn
 
-    from gptoss_mlx.cli.generate import load_model
     from gptoss_mlx.server.app import create_app, default_model_id
     from gptoss_mlx.server.engine import Engine
 

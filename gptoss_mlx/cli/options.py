@@ -1,0 +1,133 @@
+"""Command-line options shared by `generate`, `chat` and `serve` (model, harmony system and
+developer messages, sampling, context), what they turn into, and model loading with one-line
+errors."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from gptoss_mlx.cli.terminal import utf8_text
+
+if TYPE_CHECKING:
+    from gptoss_mlx.chat.harmony import SystemOptions
+    from gptoss_mlx.chat.tokenizer import Tokenizer
+    from gptoss_mlx.sampling import SamplingParams
+
+REASONING_MODES = ("hidden", "dim", "full")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _effort(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from gptoss_mlx.chat.harmony import normalize_effort
+
+    try:
+        return normalize_effort(value)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (nan passes every bound comparison)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        """The float, or a usage error naming the expected range."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number in the range {self._describe_range()}.",
+                      param, ctx)
+        return rv
+
+
+def model_option(f: F) -> F:
+    """The `-m/--model DIR|REPO` option (the `model_path` argument)."""
+    return click.option(
+        "-m", "--model", "model_path", required=True, metavar="DIR|REPO",
+        help="Converted MLX model folder, released checkpoint folder (root layout or "
+             "original/), or Hugging Face repo id (downloaded once).")(f)
+
+
+def max_context_option(f: F) -> F:
+    """The `--max-context N` click option (None: the model's full context)."""
+    return click.option(
+        "--max-context",
+        type=click.IntRange(min=1),
+        default=None,
+        show_default="the model's full context",
+        help="Longest context (prompt + answer) to plan and allow; a smaller one needs less "
+        "memory for the KV cache.",
+    )(f)
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `generate` and `chat`: model, harmony system/developer, sampling."""
+    decorators = [
+        model_option,
+        click.option("--system", default=None,
+                     help="Replace the system message's identity line "
+                          "('You are ChatGPT, a large language model trained by OpenAI.')."),
+        click.option("--developer", default=None,
+                     help="Developer instructions (what other tools call the system prompt)."),
+        click.option("--reasoning-effort", default="medium", callback=_effort,
+                     metavar="low|medium|high", help="Reasoning effort in the system message."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="Stop after this many tokens [default: until the model stops or the "
+                          "context ends]."),
+        click.option("--temperature", type=FiniteFloatRange(min=0), default=1.0,
+                     help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0,
+                     help="Nucleus sampling: keep the most likely tokens up to this mass."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0,
+                     help="Keep only the k most likely tokens (0: off)."),
+        click.option("--min-p", type=FiniteFloatRange(0, 1, max_open=True), default=0.0,
+                     help="Drop tokens below this fraction of the top probability."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+                     help="Random seed for reproducible runs."),
+        click.option("--show-reasoning", type=click.Choice(REASONING_MODES), default="dim",
+                     help="Reasoning on stderr: hidden, dimmed on a terminal, or plain."),
+        max_context_option,
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def check_instructions(opts: dict[str, Any]) -> None:
+    """Fail with one line when --system or --developer is not UTF-8."""
+    for name in ("system", "developer"):
+        if opts[name] is not None:
+            utf8_text(opts[name], f"--{name}")
+
+
+def sampling_params(opts: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from the parsed command-line options."""
+    from gptoss_mlx.sampling import SamplingParams
+
+    return SamplingParams(temperature=opts["temperature"], top_p=opts["top_p"],
+                          top_k=opts["top_k"], min_p=opts["min_p"], seed=opts["seed"])
+
+
+def system_options(opts: dict[str, Any]) -> SystemOptions:
+    """The harmony SystemOptions the command-line options ask for (date: today)."""
+    from gptoss_mlx.chat.harmony import DEFAULT_IDENTITY, SystemOptions, today
+
+    return SystemOptions(reasoning_effort=opts["reasoning_effort"], current_date=today(),
+                         model_identity=opts["system"] or DEFAULT_IDENTITY)
+
+
+def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
+    """`gptoss_mlx.loading`'s checks and load, its errors as one-line click errors."""
+    from gptoss_mlx.loading import LoadError, check_model, load_checked
+
+    try:
+        path = check_model(model_path, max_context)
+        if sys.stderr.isatty():
+            click.echo(f"loading {path} ...", err=True)
+        return load_checked(path)
+    except LoadError as e:
+        raise click.ClickException(str(e)) from None
