@@ -31,6 +31,7 @@ from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
 from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
+MAX_BATCH = 16  # sequences a server runs at once by default, however many more would fit
 _FLOAT_CODES = {"BF16", "F16", "F32"}
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -142,12 +143,22 @@ class MemoryPlan:
                                dtype=self.dtype, prefill_chunk=self.prefill_chunk,
                                fused_attention=self.fused_attention)
 
-    def largest_context(self, budget: int) -> int:
-        """The largest context (a multiple of GROW_STEP, or 0) whose plan fits `budget`."""
+    def total_for(self, sequences: int) -> int:
+        """Bytes with one KV cache per sequence generating at once (`total` is one sequence)."""
+        return self.weights_total + sequences * self.kv_cache + self.buffers_total
+
+    def sequences_that_fit(self, budget: int) -> int:
+        """How many KV caches at this context fit `budget` beside the weights and buffers."""
+        free = budget - self.weights_total - self.buffers_total
+        return max(0, free // self.kv_cache) if self.kv_cache else MAX_BATCH
+
+    def largest_context(self, budget: int, sequences: int = 1) -> int:
+        """The largest context (a multiple of GROW_STEP, or 0) at which the plan with
+        `sequences` KV caches fits `budget`."""
         lo, hi = 0, self.config.max_position_embeddings // GROW_STEP
         while lo < hi:  # the largest n in [0, hi] with a plan at n * GROW_STEP within budget
             mid = (lo + hi + 1) // 2
-            if self.at_context(mid * GROW_STEP).total <= budget:
+            if self.at_context(mid * GROW_STEP).total_for(sequences) <= budget:
                 lo = mid
             else:
                 hi = mid - 1
@@ -172,6 +183,54 @@ class MemoryPlan:
             f"(weights {gb(self.weights_total)} + KV cache {gb(self.kv_cache)} + "
             f"buffers {gb(self.buffers_total)})"
         )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many sequences generate at once (`batch`), each with its own KV cache, and how many
+    KV caches are alive (`caches`: the batch's, or more when more are kept between requests)."""
+
+    plan: MemoryPlan
+    batch: int
+    caches: int
+    budget: int | None  # None: no limit applies (the CPU)
+
+    @property
+    def total(self) -> int:
+        return self.plan.total_for(self.caches)
+
+    def summary(self) -> str:
+        """One line: the batch, its KV caches, the total and the budget."""
+        p = self.plan
+        within = (f" of the {gb(self.budget)} working set (room for "
+                  f"{p.sequences_that_fit(self.budget)} KV caches)" if self.budget is not None
+                  else "; no memory limit applies (CPU)")
+        return (f"memory plan: batch of {self.batch}: weights {gb(p.weights_total)} + "
+                f"{self.caches} KV caches x {gb(p.kv_cache)} at a {p.max_context}-token context "
+                f"+ buffers {gb(p.buffers_total)} = {gb(self.total)}{within}")
+
+
+def plan_batch(plan: MemoryPlan, budget: int | None, max_batch: int | None = None, *,
+               kept: int = 1) -> BatchPlan:
+    """The batch for `max_batch` sequences, or by default as many as have room for their KV
+    cache at the plan's context in `budget` (at most MAX_BATCH; MAX_BATCH when no limit
+    applies); `kept` KV caches live between requests (the prompt cache), so max(batch, kept)
+    are planned. Raises MemoryPlanError (one line) when they do not fit."""
+    room = None if budget is None else plan.sequences_that_fit(budget)
+    batch = max_batch or (MAX_BATCH if room is None else max(1, min(MAX_BATCH, room)))
+    caches = max(batch, kept)
+    if room is not None and budget is not None and caches > room:
+        options = [f"{flag} {room}" for flag, n in (("--max-batch", batch), ("--cache-slots", kept))
+                   if room and n > room]
+        ctx = plan.largest_context(budget, caches)
+        options += [f"--max-context {ctx}"] if ctx else []
+        raise MemoryPlanError(
+            f"{caches} KV caches (a batch of {batch}, {kept} kept as the prompt cache) of "
+            f"{gb(plan.kv_cache)} each at a {plan.max_context}-token context need "
+            f"{gb(plan.total_for(caches))} with the weights and buffers, more than the "
+            f"{gb(budget)} working set, which has room for {room}"
+            + (f"; any one of these fits: {', '.join(options)}" if options else ""))
+    return BatchPlan(plan, batch, caches, budget)
 
 
 def gb(n: float) -> str:

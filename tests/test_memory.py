@@ -19,13 +19,16 @@ from gptoss_mlx.convert.converter import QUANTIZATION
 from gptoss_mlx.convert.layout import mlx_specs
 from gptoss_mlx.convert.synthetic import preset_config
 from gptoss_mlx.memory import (
+    MAX_BATCH,
     WORKING_SET_ENV,
     MemoryPlanError,
     check_fits,
     parse_bytes,
+    plan_batch,
     plan_memory,
     working_set_limit,
 )
+from gptoss_mlx.model.cache import GROW_STEP
 
 GB = 1e9
 
@@ -209,3 +212,63 @@ def test_the_plan_matches_mlx_peak_memory(tiny_model_dir: Path) -> None:
     prefill(model, cache, [i % 1000 for i in range(2048)])
     extra = mx.get_peak_memory() - loaded
     assert extra == pytest.approx(plan.kv_cache + plan.buffers_total, rel=0.2)
+
+
+# -- the serving batch: one KV cache per sequence (issue 14) ------------------------------------
+
+def _kv_bytes_per_token_per_layer(cfg: ModelConfig) -> int:
+    """Keys and values of one token in one layer, bf16: from the config alone."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+
+
+def test_each_sequence_of_the_batch_has_its_own_kv_cache(folder_20b: Path) -> None:
+    """The 20b at its full context: 3.2 GB of KV cache per sequence (12 full layers of 131072
+    positions at 2048 bytes per token, plus 12 bounded sliding layers); the default batch is
+    as many of those as fit beside the weights and buffers, capped at MAX_BATCH."""
+    cfg = ModelConfig.from_dict(preset_config("20b"))
+    plan = plan_memory(folder_20b, None, fused_attention=True)
+    per_seq_full = _kv_bytes_per_token_per_layer(cfg) * 12 * 131072
+    assert _kv_bytes_per_token_per_layer(cfg) == 2048
+    assert per_seq_full < plan.kv_cache < per_seq_full + 2048 * 12 * 2048
+    fixed = plan.weights_total + plan.buffers_total
+    for room in (1, 3, 16, 40):
+        budget = fixed + room * plan.kv_cache + plan.kv_cache // 2
+        batch = plan_batch(plan, budget)
+        assert batch.batch == min(room, MAX_BATCH) == batch.caches
+        assert batch.total == fixed + batch.batch * plan.kv_cache <= budget
+    assert plan_batch(plan, None).batch == MAX_BATCH  # no limit applies (the CPU)
+    assert plan_batch(plan, None, 40).batch == 40
+
+
+def test_a_batch_that_does_not_fit_is_refused_in_one_line(folder_20b: Path) -> None:
+    plan = plan_memory(folder_20b, 65536, fused_attention=True)
+    at_32k = plan_memory(folder_20b, 32768, fused_attention=True)
+    # 4 KV caches fit at 32768 tokens (0.84 GB each), not one grow step further
+    budget = at_32k.total_for(4)
+    assert budget == at_32k.weights_total + at_32k.buffers_total + 4 * at_32k.kv_cache
+    assert plan.at_context(32768 + GROW_STEP).total_for(4) > budget
+    room = (budget - plan.weights_total - plan.buffers_total) // plan.kv_cache
+    assert 1 <= room < 4
+    assert plan_batch(plan, budget, room).batch == room
+    with pytest.raises(MemoryPlanError) as err:
+        plan_batch(plan, budget, 4)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "4 KV caches (a batch of 4, 1 kept as the prompt cache)" in msg
+    assert f"{plan.kv_cache / GB:.2f} GB each at a 65536-token context" in msg
+    assert f"room for {room}; any one of these fits: --max-batch {room}, --max-context 32768" in msg
+    # the prompt cache's kept caches count too, even for the default batch
+    with pytest.raises(MemoryPlanError, match=rf"4 KV caches \(a batch of {room}, 4 kept.*"
+                                              rf"fits: --cache-slots {room}, --max-context 32768"):
+        plan_batch(plan, budget, kept=4)
+
+
+def test_the_batch_plan_line(folder_20b: Path) -> None:
+    plan = plan_memory(folder_20b, 8192, fused_attention=True)
+    budget = plan.weights_total + plan.buffers_total + 5 * plan.kv_cache
+    line = plan_batch(plan, budget, 2, kept=3).summary()
+    assert line.startswith("memory plan: batch of 2: weights 13.76 GB + 3 KV caches x ")
+    assert "at a 8192-token context" in line and "(room for 5 KV caches)" in line
+    total = plan.weights_total + plan.buffers_total + 3 * plan.kv_cache
+    assert f"= {total / GB:.2f} GB of the {budget / GB:.2f} GB working set" in line
+    assert "no memory limit applies" in plan_batch(plan, None).summary()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,7 @@ def test_serve_command(tiny_model_dir: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert f"serving gpt-oss-tiny at http://{HOST}:{port}/v1" in err
+    assert re.search(r"^memory plan: batch of \d+: weights .* KV caches x ", err, re.M), err
 
 
 def test_serve_needs_a_model_folder(tmp_path: Path) -> None:
@@ -192,22 +194,25 @@ def _read_to_end(sock: socket.socket) -> bytes:
     return data
 
 
-def test_max_concurrent_is_planned_against_memory(tiny_model_dir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each running generation has its own KV cache: the default runs as many as fit beside
-    the weights, and a number that does not fit is refused before loading."""
-    import click
-
-    from gptoss_mlx.cli.serve import plan_concurrency
+def test_max_batch_is_planned_against_memory(tiny_model_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sequence of the batch has its own KV cache: the default runs as many as fit beside
+    the weights and buffers, and a --max-batch that does not fit is refused in one line before
+    the model loads (--max-concurrent, its former name, alike)."""
+    from gptoss_mlx.cli.serve import plan_serving_batch
     from gptoss_mlx.memory import plan_memory
 
     plan = plan_memory(tiny_model_dir, 4096)
-    room_for_three = plan.total + 2 * plan.kv_cache + plan.kv_cache // 2
+    room_for_three = plan.weights_total + plan.buffers_total + 3 * plan.kv_cache + 1000
     monkeypatch.setenv("GPTOSS_MLX_WORKING_SET", str(room_for_three))
     model = str(tiny_model_dir)
-    assert plan_concurrency(model, 4096, 2, None) == 3
-    assert plan_concurrency(model, 4096, 1, 2) == 2
-    with pytest.raises(click.ClickException, match="4 KV caches .* 3 do"):
-        plan_concurrency(model, 4096, 2, 4)
-    with pytest.raises(click.ClickException, match="5 KV caches"):
-        plan_concurrency(model, 4096, 5, None)  # the prompt cache's slots count too
+    assert plan_serving_batch(model, 4096, 2, None).batch == 3
+    assert plan_serving_batch(model, 4096, 1, 2).batch == 2
+    for flag in ("--max-batch", "--max-concurrent"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gptoss_mlx", "serve", "-m", model, "--max-context", "4096",
+             "--port", str(free_port()), flag, "4"],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("Error: 4 KV caches (a batch of 4, 2 kept")
+        assert proc.stderr.count("\n") == 1 and "fits: --max-batch 3" in proc.stderr

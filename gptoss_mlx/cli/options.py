@@ -4,9 +4,11 @@ errors."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -120,14 +122,35 @@ def system_options(opts: dict[str, Any]) -> SystemOptions:
                          model_identity=opts["system"] or DEFAULT_IDENTITY)
 
 
-def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
-    """`gptoss_mlx.loading`'s checks and load, its errors as one-line click errors."""
-    from gptoss_mlx.loading import LoadError, check_model, load_checked
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    from gptoss_mlx.loading import LoadError
 
     try:
-        path = check_model(model_path, max_context)
-        if sys.stderr.isatty():
-            click.echo(f"loading {path} ...", err=True)
-        return load_checked(path)
+        yield
     except LoadError as e:
         raise click.ClickException(str(e)) from None
+
+
+def check_model(model_path: str, max_context: int | None = None) -> Path:
+    """`gptoss_mlx.loading.check_model` (the local folder, its memory plan checked), its errors
+    as one-line click errors."""
+    from gptoss_mlx import loading
+
+    with _one_line():
+        return loading.check_model(model_path, max_context)
+
+
+def load_checked_model(path: Path) -> tuple[Any, Tokenizer]:
+    """Load the folder `check_model` returned (errors: one line)."""
+    from gptoss_mlx.loading import load_checked
+
+    if sys.stderr.isatty():
+        click.echo(f"loading {path} ...", err=True)
+    with _one_line():
+        return load_checked(path)
+
+
+def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
+    """`check_model`, then `load_checked_model`."""
+    return load_checked_model(check_model(model_path, max_context))

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from gptoss_mlx.cli.options import load_model, max_context_option, model_option
-from gptoss_mlx.memory import parse_bytes
+from gptoss_mlx.cli.options import (
+    check_model,
+    load_checked_model,
+    max_context_option,
+    model_option,
+)
+from gptoss_mlx.memory import MAX_BATCH, parse_bytes
 
-DEFAULT_MAX_CONCURRENT = 8
+if TYPE_CHECKING:
+    from gptoss_mlx.memory import BatchPlan
+
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
@@ -36,28 +44,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
-                     max_concurrent: int | None) -> int:
-    """`--max-concurrent`, or its default: as many generations as have room for their own KV
-    cache at the context beside the weights (at most DEFAULT_MAX_CONCURRENT); one clear error
-    when the caches asked for do not fit. Alive at once: max(cache_slots, max_concurrent)."""
-    from gptoss_mlx.memory import gb, plan_memory, working_set_limit
+def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slots: int,
+                       max_batch: int | None) -> BatchPlan:
+    """`--max-batch`, or its default from the memory plan (`gptoss_mlx.memory.plan_batch`:
+    one KV cache per sequence at the context, beside the weights and buffers); one clear error
+    when the caches asked for do not fit."""
+    from gptoss_mlx.memory import MemoryPlanError, plan_batch, plan_memory, working_set_limit
 
     try:
-        plan = plan_memory(model_path, max_context)
-    except (OSError, ValueError, KeyError):
-        return max_concurrent or DEFAULT_MAX_CONCURRENT  # load_model names the problem
-    budget = working_set_limit()
-    if budget is None or plan.kv_cache == 0:  # no limit applies (the CPU)
-        return max_concurrent or DEFAULT_MAX_CONCURRENT
-    fit = max(0, (budget - plan.total + plan.kv_cache) // plan.kv_cache)
-    wanted = max(cache_slots, max_concurrent or 1)
-    if wanted > fit:
-        raise click.ClickException(
-            f"{wanted} KV caches of {gb(plan.kv_cache)} at a {plan.max_context}-token context "
-            f"(--max-concurrent, --cache-slots) do not fit beside the weights in the "
-            f"{gb(budget)} working set; {fit} do: lower them or --max-context")
-    return max_concurrent or max(cache_slots, min(DEFAULT_MAX_CONCURRENT, fit))
+        return plan_batch(plan_memory(model_dir, max_context), working_set_limit(), max_batch,
+                          kept=cache_slots)
+    except MemoryPlanError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command("serve")
@@ -74,10 +72,11 @@ def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
 @click.option("--cache-slots", type=click.IntRange(min=1), default=2,
               help="Prompt caches kept between requests (conversations served without "
                    "re-prefilling each other out).")
-@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
-              help="Generations running at once, taking turns token by token, each with its "
-                   "own KV cache [default: as many caches as fit the memory plan, at most "
-                   f"{DEFAULT_MAX_CONCURRENT}].")
+@click.option("--max-batch", "--max-concurrent", "max_batch", type=click.IntRange(min=1),
+              default=None,
+              help="Sequences generating at once, each with its own KV cache at --max-context "
+                   "(--max-concurrent is its former name) [default: as many KV caches as fit "
+                   f"the memory plan beside the weights, at most {MAX_BATCH}].")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests waiting for a generation slot; more get a 429 with Retry-After.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
@@ -88,7 +87,7 @@ def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
               default="info", help="uvicorn's log level.")
 @max_context_option
 def serve_command(model_path: str, host: str, port: int, api_key: str | None,
-                  model_id: str | None, cache_slots: int, max_concurrent: int | None,
+                  model_id: str | None, cache_slots: int, max_batch: int | None,
                   max_queue: int, queue_timeout: float, max_body_size: int, log_level: str,
                   max_context: int | None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API for coding assistants.
@@ -112,10 +111,12 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
     server_log = logging.getLogger("gptoss_mlx.server")
     server_log.addHandler(handler)
     server_log.setLevel(log_level.upper())
-    concurrent = plan_concurrency(model_path, max_context, cache_slots, max_concurrent)
-    model, tokenizer = load_model(model_path, max_context)
+    model_dir = check_model(model_path, max_context)
+    batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch)
+    click.echo(batch.summary(), err=True)
+    model, tokenizer = load_checked_model(model_dir)
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
-    engine = Engine(model, tokenizer, cache_slots=cache_slots, max_concurrent=concurrent,
+    engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=batch.batch,
                     max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context)
     app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size)
     config = uvicorn.Config(app, log_level=log_level,

@@ -112,14 +112,14 @@ class Engine:
         tokenizer: Tokenizer,
         *,
         cache_slots: int = 2,
-        max_concurrent: int = 8,
+        max_batch: int = 8,
         max_queue: int = 16,
         queue_timeout: float = 30.0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         current_date: str | None = None,
         max_context: int | None = None,
     ):
-        """`cache_slots` prompt caches are kept between requests; up to `max_concurrent`
+        """`cache_slots` prompt caches are kept between requests; up to `max_batch`
         generations run at once (each with its own KV cache: plan the memory for it), up to
         `max_queue` requests wait for one, each at most `queue_timeout` seconds."""
         self.model = model
@@ -127,7 +127,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.renderer = HarmonyRenderer(tokenizer)
         self.caches = PromptCachePool(model, cache_slots)
-        self.admission = Admission(max_concurrent, max_queue, queue_timeout)
+        self.admission = Admission(max_batch, max_queue, queue_timeout)
         self.prefill_chunk = prefill_chunk
         # One date for the server's lifetime keeps rendered system prompts, and so the cached
         # prefixes, identical across requests.
