@@ -16,8 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError
-from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, new_id
+from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, OutputFeed, new_id
 from gptoss_mlx.server.prompting import (
+    GenerationRequest,
+    PromptContext,
     function_tools,
     render_prompt,
     sampling_params,
@@ -27,15 +29,33 @@ from gptoss_mlx.server.schemas import ChatCompletionRequest
 from gptoss_mlx.server.transport import event_stream, sse
 
 
-def usage(gen: Generation) -> dict[str, Any]:
+def usage(prompt_tokens: int, cached_tokens: int, feed: OutputFeed) -> dict[str, Any]:
     """The chat-completions usage object."""
     return {
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": gen.builder.reasoning_tokens},
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": feed.completion_tokens,
+        "total_tokens": prompt_tokens + feed.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": feed.builder.reasoning_tokens},
     }
+
+
+def assistant_message(builder: OutputBuilder) -> dict[str, Any]:
+    """The whole answer as a chat-completions assistant message."""
+    calls = [
+        {"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.text}}
+        for i in builder.tool_calls
+    ]
+    reasoning, text = builder.text("reasoning"), builder.text("text")
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text or (None if calls else ""),
+        "reasoning": reasoning or None,
+        "reasoning_content": reasoning or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _delta(event: OutputEvent) -> dict[str, Any] | None:
@@ -57,39 +77,32 @@ def _delta(event: OutputEvent) -> dict[str, Any] | None:
     return {"content": event.text}
 
 
+def prepare(context: PromptContext, body: ChatCompletionRequest) -> GenerationRequest:
+    """A chat-completions request rendered and checked (APIError 400 naming the field)."""
+    tools = function_tools([t.model_dump(exclude_none=True) for t in body.tools or ()],
+                           body.tool_choice)
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    prompt = render_prompt(context, messages, tools=tools, effort=body.effort, param="messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return GenerationRequest(
+        prompt, sampling_params(body), max_tokens,
+        tool_forcing(context, tools, body.tool_choice, prompt, max_tokens),
+        tuple(body.stop_strings))
+
+
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, engine: Engine, model_id: str
 ) -> JSONResponse | StreamingResponse:
     """Handle one chat-completions request."""
-    tools = function_tools([t.model_dump(exclude_none=True) for t in body.tools or ()],
-                           body.tool_choice)
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prompt = await run_in_threadpool(
-        render_prompt, engine, messages, tools=tools, effort=body.effort, param="messages"
-    )
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=max_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice,
-                                            prompt, max_tokens))
-    gen = Generation(job, OutputBuilder(body.stop_strings))
+    req = await run_in_threadpool(prepare, engine, body)
+    job = engine.submit(req.prompt, sampling=req.sampling, max_tokens=req.max_tokens,
+                        forcing=req.forcing)
+    gen = Generation(job, OutputBuilder(req.stop))
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(_stream(gen, completion_id, created, model_id, include_usage), job)
     await gen.run(request)
-    calls = [
-        {"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.text}}
-        for i in gen.builder.tool_calls
-    ]
-    reasoning, text = gen.builder.text("reasoning"), gen.builder.text("text")
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": text or (None if calls else ""),
-        "reasoning": reasoning or None,
-        "reasoning_content": reasoning or None,
-    }
-    if calls:
-        message["tool_calls"] = calls
     return JSONResponse(
         {
             "id": completion_id,
@@ -97,10 +110,11 @@ async def chat_completions(
             "created": created,
             "model": model_id,
             "choices": [
-                {"index": 0, "message": message, "finish_reason": gen.finish_reason,
+                {"index": 0, "message": assistant_message(gen.builder),
+                 "finish_reason": gen.finish_reason,
                  "logprobs": None}
             ],
-            "usage": usage(gen),
+            "usage": usage(gen.prompt_tokens, gen.cached_tokens, gen.feed),
         }
     )
 
@@ -126,5 +140,6 @@ async def _stream(
         return
     yield chunk({}, gen.finish_reason)
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(gen)})
+        counts = usage(gen.prompt_tokens, gen.cached_tokens, gen.feed)
+        yield sse({**head, "choices": [], "usage": counts})
     yield sse("[DONE]")

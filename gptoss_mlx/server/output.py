@@ -198,21 +198,73 @@ class OutputBuilder:
         return [*out, OutputEvent("end", item)]
 
 
+class OutputFeed:
+    """Feeds one generation's events into an OutputBuilder, holding each token until the next
+    event shows whether it was the last (a last token a length limit cut is fed as such), and
+    counts the generated tokens. The caller ends the generation once `builder.stopped`.
+
+        feed = OutputFeed(OutputBuilder(stop))
+        for event in events:                  # TokenEvent ..., then Done
+            item_events = feed.push(event)
+            if feed.builder.stopped: break
+        item_events = feed.close()
+    """
+
+    def __init__(self, builder: OutputBuilder):
+        self.builder = builder
+        self.done: Done | None = None
+        self.completion_tokens = 0
+        self._previous: TokenEvent | None = None
+
+    def push(self, event: TokenEvent | Done) -> list[OutputEvent]:
+        """The item events of the token before `event` (none for the first)."""
+        if isinstance(event, Done):
+            self.done = event
+            return []
+        out = self.builder.feed(self._previous) if self._previous is not None else []
+        if not self.builder.stopped:
+            self.completion_tokens += 1
+            self._previous = event
+        return out
+
+    def close(self) -> list[OutputEvent]:
+        """The item events of the last token, then those closing an item the end cut off."""
+        out = []
+        if self._previous is not None and not self.builder.stopped:
+            reason = self.done.stats.finish_reason if self.done else ""
+            out = self.builder.feed(self._previous, cut_off=reason in CUT_OFF)
+        self._previous = None
+        return out + self.builder.finish()
+
+    @property
+    def generation_reason(self) -> str:
+        """How the generation ended (`GenerationStats.finish_reason`; "stop" when cut short)."""
+        return self.done.stats.finish_reason if self.done else "stop"
+
+    @property
+    def finish_reason(self) -> str:
+        """`tool_calls`, `stop` or `length`."""
+        return self.builder.finish_reason(self.generation_reason)
+
+
 class Generation:
-    """Runs one engine job through an OutputBuilder and keeps its token counts."""
+    """Runs one engine job through an OutputFeed; a stop string cancels the job."""
 
     def __init__(self, job: Job, builder: OutputBuilder):
         self.job = job
         self.builder = builder
-        self.done: Done | None = None
-        self.completion_tokens = 0
+        self.feed = OutputFeed(builder)
+
+    @property
+    def done(self) -> Done | None:
+        return self.feed.done
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.feed.completion_tokens
 
     async def events(self) -> AsyncIterator[OutputEvent]:
-        """The item events of the whole generation; a stop string cancels the job.
-
-        Each token is handled once the next event arrives, so the last one is known to be last.
-        """
-        previous: TokenEvent | None = None
+        """The item events of the whole generation; a stop string cancels the job."""
         events = self.job.events()
         while True:
             try:
@@ -222,22 +274,14 @@ class Generation:
             except Exception as exc:
                 raise APIError(500, f"generation failed: {exc}", type="server_error",
                                code="server_error") from exc
-            if isinstance(event, Done):
-                self.done = event
-                break
-            if previous is not None:
-                for out in self.builder.feed(previous):
-                    yield out
-                if self.builder.stopped:
-                    self.job.cancel()
-                    break
-            self.completion_tokens += 1
-            previous = event
-        if previous is not None and not self.builder.stopped:
-            reason = self.done.stats.finish_reason if self.done else ""
-            for out in self.builder.feed(previous, cut_off=reason in CUT_OFF):
+            for out in self.feed.push(event):
                 yield out
-        for out in self.builder.finish():
+            if isinstance(event, Done):
+                break
+            if self.builder.stopped:
+                self.job.cancel()
+                break
+        for out in self.feed.close():
             yield out
 
     async def run(self, request: Request) -> None:
@@ -260,9 +304,9 @@ class Generation:
     @property
     def generation_reason(self) -> str:
         """How the generation ended (`GenerationStats.finish_reason`; "stop" when cancelled)."""
-        return self.done.stats.finish_reason if self.done else "stop"
+        return self.feed.generation_reason
 
     @property
     def finish_reason(self) -> str:
         """`tool_calls`, `stop` or `length`."""
-        return self.builder.finish_reason(self.generation_reason)
+        return self.feed.finish_reason

@@ -4,14 +4,37 @@ rendering through the chat package, and the context-length check."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from gptoss_mlx.chat.forcing import ToolCallForcing
-from gptoss_mlx.chat.harmony import ChatFormatError, SystemOptions
+from gptoss_mlx.chat.harmony import ChatFormatError, HarmonyRenderer, SystemOptions
+from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.sampling import SamplingParams
-from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import bad_request, context_length_exceeded
 from gptoss_mlx.server.schemas import NamedToolChoice, SamplingFields
+
+
+class PromptContext(Protocol):
+    """What rendering a request needs: the server's `Engine`, or an offline batch's stand-in."""
+
+    tokenizer: Tokenizer
+    renderer: HarmonyRenderer
+    current_date: str
+
+    @property
+    def context_length(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request ready to generate: the prompt ids and how to generate after them."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int | None = None
+    forcing: ToolCallForcing | None = None  # tool_choice "required" or a named function
+    stop: tuple[str, ...] = ()  # stop strings, applied to the answer's text
 
 
 def _tool_name(tool: Mapping[str, Any]) -> Any:
@@ -35,7 +58,7 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) 
     return found
 
 
-def tool_forcing(engine: Engine, tools: Sequence[Mapping[str, Any]], tool_choice: Any,
+def tool_forcing(engine: PromptContext, tools: Sequence[Mapping[str, Any]], tool_choice: Any,
                  prompt: Sequence[int], max_tokens: int | None) -> ToolCallForcing | None:
     """`tool_choice: "required"` or a named function (`tools` as `function_tools` left them) as
     the logits processor that makes the answer a call to one of `tools`; None for "auto" and
@@ -64,7 +87,7 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
 
 
 def render_prompt(
-    engine: Engine,
+    engine: PromptContext,
     messages: Sequence[Mapping[str, Any]],
     *,
     tools: Sequence[Mapping[str, Any]],
