@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -26,14 +27,34 @@ from gptoss_mlx.cli.terminal import (
 
 @click.command("generate")
 @model_options
-@click.option("-p", "--prompt", required=True, help="The user message ('-' reads stdin).")
+@click.option("-p", "--prompt", default=None, help="The user message ('-' reads stdin).")
 @click.option("--raw", is_flag=True, help="Print the generated harmony text, markup included.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print channels, tool calls and stats as one JSON object.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, metavar="FILE.jsonl",
+              help="Instead of -p: one chat-completions request body per line (messages, tools, "
+                   "tool_choice, max_tokens, temperature, stop, ...; the sampling options, "
+                   "--max-tokens and --reasoning-effort fill what a line leaves out); prints one "
+                   "JSON result per line, in input order.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --prompts: write the results to this file (all or nothing) instead of "
+                   "stdout.")
 @interruptible
-def generate_command(model_path: str, prompt: str, raw: bool, as_json: bool,
-                     **opts: Any) -> None:
-    """Answer one prompt with a gpt-oss model."""
+def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bool,
+                     prompts: Path | None, output: Path | None, **opts: Any) -> None:
+    """Answer one prompt, or a file of chat-completions requests, with a gpt-oss model."""
+    if prompts is not None:
+        if prompt is not None or raw or as_json or opts["system"] or opts["developer"]:
+            raise click.UsageError("--prompts reads each request's messages from its line; "
+                                   "-p, --raw, --json, --system and --developer do not apply")
+        from gptoss_mlx.cli.batch import run_batch
+
+        return run_batch(model_path, prompts, output, opts)
+    if output is not None:
+        raise click.UsageError("--output goes with --prompts")
+    if prompt is None:
+        raise click.UsageError("Missing option '-p' / '--prompt' (or --prompts FILE.jsonl).")
     if raw and as_json:
         raise click.UsageError("--raw and --json both print on stdout; choose one")
     from gptoss_mlx.chat.harmony import HarmonyRenderer
