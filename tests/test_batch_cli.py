@@ -220,3 +220,12 @@ def test_output_needs_prompts_and_a_prompt_is_needed(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--output goes with --prompts" in r.stderr
     r = run("generate", "-m", "x")
     assert r.exit_code == 2 and "Missing option '-p' / '--prompt'" in r.stderr
+
+
+def test_an_output_folder_that_does_not_exist(tmp_path: Path) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", [user("Hi")])
+    out = tmp_path / "missing" / "out.jsonl"
+    r = run("generate", "-m", str(tmp_path / "no-model"), "--prompts", str(prompts),
+            "--output", str(out))
+    assert r.exit_code == 1
+    assert r.stderr == f"Error: cannot write --output {out}: No such file or directory\n"

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,19 +45,18 @@ def atomic_output(path: Path | None) -> Iterator[TextIO]:
     if path is None:
         yield sys.stdout
         return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp = tempfile.NamedTemporaryFile(  # renamed or removed below
-            "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-            delete=False)
+        stream = open(tmp, "x", encoding="utf-8")  # renamed or removed below
     except OSError as e:
         raise click.ClickException(f"cannot write --output {path}: {e.strerror or e}") from None
     try:
-        with tmp:
-            yield tmp
-        os.replace(tmp.name, path)
+        with stream:
+            yield stream
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
+            tmp.unlink()
         raise
 
 
