@@ -11,5 +11,5 @@
   `ParseEvent`s (message start, content delta, message end).
 
 The format knows nothing of generation: `gptoss_mlx.session.ChatSession`, a multi-turn chat
-reusing its KV cache, sits above both.
+reusing its KV cache, sits above this package and `gptoss_mlx.generate`.
 """
