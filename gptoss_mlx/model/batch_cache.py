@@ -136,15 +136,10 @@ class _BatchLayer:
         self.have, self.start = have, start
         self.offset = mx.array(self.offsets, dtype=mx.int32)
 
-    def _like(self, keys: mx.array | None, values: mx.array | None) -> tuple[mx.array, mx.array]:
-        if self.keys is not None and keys is not None and keys.dtype != self.keys.dtype:
-            raise ValueError(f"the batch holds {self.keys.dtype} keys, the sequence {keys.dtype}")
-        return (self.keys, self.values) if self.keys is not None else (keys, values)
-
     def add_row(self, keys: mx.array | None, values: mx.array | None, have: int,
                 start: int) -> None:
         """Append a row holding positions [start, start + have) in keys/values[..., :have, :]."""
-        like = self._like(keys, values)
+        like = (self.keys, self.values) if self.keys is not None else (keys, values)
         rows = list(range(len(self.have)))
         if like[0] is not None:
             new = None if keys is None else (keys[..., :have, :], values[..., :have, :], have)
@@ -227,9 +222,6 @@ class BatchSlidingKVCache(_BatchLayer):
 
     def add(self, cache: SlidingKVCache) -> None:
         """Append a row equal to `cache`."""
-        if cache.window != self.window:
-            raise ValueError(f"a sliding layer of the sequence has window {cache.window}, "
-                             f"the model {self.window}")
         size = 0 if cache.keys is None else cache.keys.shape[2]
         self.slack.append(cache.slack)
         self.compact_step.append(cache.compact_step)
@@ -329,6 +321,13 @@ class BatchCache:
             if type(cache) is not kind:
                 raise ValueError(f"layer {i} of the sequence is a {type(cache).__name__}, "
                                  f"the model's needs a {kind.__name__}")
+            if kind is SlidingKVCache and cache.window != batch_layer.window:
+                raise ValueError(f"layer {i} of the sequence has window {cache.window}, "
+                                 f"the model {batch_layer.window}")
+            if (batch_layer.keys is not None and cache.keys is not None
+                    and cache.keys.dtype != batch_layer.keys.dtype):
+                raise ValueError(f"the batch holds {batch_layer.keys.dtype} keys, the sequence "
+                                 f"{cache.keys.dtype}")
         if len({c.offset for c in layers}) > 1:
             raise ValueError("the sequence's layers hold different numbers of tokens: "
                              f"{sorted({c.offset for c in layers})}")
