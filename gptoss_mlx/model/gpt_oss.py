@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from gptoss_mlx.config import ModelConfig
 
+from .batch_cache import BatchCache, BatchLayer
 from .cache import (
     COMPACT_STEP,
     DEFAULT_SLACK,
@@ -57,8 +58,9 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         return True
 
-    def _qkv(self, x: mx.array, pos: int, rope: YarnRope) -> tuple[mx.array, ...]:
-        """Rotated q [B, heads, T, D], rotated k and v [B, kv_heads, T, D]."""
+    def _qkv(self, x: mx.array, pos: int | mx.array, rope: YarnRope) -> tuple[mx.array, ...]:
+        """Rotated q [B, heads, T, D], rotated k and v [B, kv_heads, T, D]; `pos` is the first
+        token's position (an int, or an array [B] for a batch whose rows sit at different ones)."""
         b, t, _ = x.shape
         d, h, kv = self.head_dim, self.heads, self.kv_heads
         if "qkv_proj" in self:
@@ -70,8 +72,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(b, t, kv, d).transpose(0, 2, 1, 3)
         return rope(q, pos), rope(k, pos), v
 
-    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None, rope: YarnRope,
-                 scale: float) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | BatchLayer | None,
+                 rope: YarnRope, scale: float) -> mx.array:
         b, t, _ = x.shape
         q, k, v = self._qkv(x, 0 if cache is None else cache.offset, rope)
         if cache is not None:
@@ -170,8 +172,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None, rope: YarnRope,
-                 scale: float, moe_fn: MoeFn) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | BatchLayer | None,
+                 rope: YarnRope, scale: float, moe_fn: MoeFn) -> mx.array:
         x = x + self.self_attn(self.input_layernorm(x), mask, cache, rope, scale)
         return self.mlp(self.post_attention_layernorm(x), x, moe_fn)
 
@@ -187,7 +189,10 @@ class Body(nn.Module):
 
 
 class GptOss(nn.Module):
-    """gpt-oss: `model(tokens [B, T], cache=None, last_only=False) -> logits [B, T|1, vocab]`."""
+    """gpt-oss: `model(tokens [B, T], cache=None, last_only=False) -> logits [B, T|1, vocab]`.
+
+    `cache` is `make_cache()`'s per-layer caches, or a `BatchCache` for one decode step
+    (T = 1) of B sequences at their own positions."""
 
     def __init__(self, cfg: ModelConfig, experts: MoeFn = moe, experts_name: str = "mlx"):
         super().__init__()
@@ -221,7 +226,7 @@ class GptOss(nn.Module):
         w = self.config.sliding_window
         return [SlidingKVCache(w, slack, compact_step) if s else KVCache() for s in self._sliding]
 
-    def _masks(self, t: int, cache: list[LayerCache] | None) -> tuple[Mask, Mask]:
+    def _masks(self, t: int, cache: list[LayerCache] | BatchCache | None) -> tuple[Mask, Mask]:
         """(full-attention mask, sliding-window mask) for `t` new tokens."""
         if cache is None:
             return ("causal" if t > 1 else None), window_mask(t, 0, self.config.sliding_window)
@@ -229,7 +234,7 @@ class GptOss(nn.Module):
         slide = next((c for c, s in zip(cache, self._sliding, strict=True) if s), None)
         return (full.make_mask(t) if full else None), (slide.make_mask(t) if slide else None)
 
-    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None,
+    def __call__(self, tokens: mx.array, cache: list[LayerCache] | BatchCache | None = None,
                  last_only: bool = False) -> mx.array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")

@@ -57,7 +57,8 @@ class YarnRope:
         # mx.fast.rope takes the periods (1 / inv_freq) in float32.
         self.periods = mx.array([1.0 / f for f in yarn_inv_freq(cfg)], dtype=mx.float32)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        """Rotate `x` [B, heads, T, head_dim] whose first token sits at position `offset`."""
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        """Rotate `x` [B, heads, T, head_dim] whose first token sits at position `offset`
+        (an int, or an int32 array [B] of one position per row)."""
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self.periods)
