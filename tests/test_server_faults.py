@@ -79,7 +79,7 @@ def served(tiny_model_dir: Path) -> Iterator[Served]:
     from gptoss_mlx import load
 
     model, tokenizer = load(tiny_model_dir)
-    engine = Engine(model, tokenizer, cache_slots=2, max_concurrent=8, max_queue=4,
+    engine = Engine(model, tokenizer, cache_slots=2, max_batch=8, max_queue=4,
                     queue_timeout=10, current_date="2025-08-05")
     model_id = default_model_id(tiny_model_dir, model.config.num_hidden_layers)
     app = create_app(engine, model_id, api_key=API_KEY, max_body_bytes=BODY_LIMIT)

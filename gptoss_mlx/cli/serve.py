@@ -117,7 +117,7 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
     concurrent = plan_concurrency(model_path, max_context, cache_slots, max_concurrent)
     model, tokenizer = load_model(model_path, max_context)
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
-    engine = Engine(model, tokenizer, cache_slots=cache_slots, max_concurrent=concurrent,
+    engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=concurrent,
                     max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context)
     app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size)
     config = uvicorn.Config(app, log_level=log_level,
