@@ -12,13 +12,13 @@
 prefills only the rest (in chunks, computing logits for the last position only), then decodes
 one token per step while the next step is already queued (`mx.async_eval`), as mlx-lm does.
 Logits processors (`f(generated_ids, logits) -> logits`, as mlx-lm's `logits_processors`) see
-every token before the next is sampled, so with any of them the step is queued only once the
-token is read.
+every token before the next is sampled. It is `gptoss_mlx.scheduler.BatchGenerator` (the
+server's continuous batching) with one sequence; this module holds what both share: the prompt
+cache, prefill, the events and the stats.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,19 +26,13 @@ from typing import Any
 import mlx.core as mx
 
 from gptoss_mlx.chat.messages import Message, ToolCall
-from gptoss_mlx.chat.parser import HarmonyStreamParser, ParseEvent
-from gptoss_mlx.chat.tokenizer import CALL, Tokenizer
+from gptoss_mlx.chat.parser import ParseEvent
+from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.model.cache import trim_to as trim_layers
-from gptoss_mlx.sampling import (
-    NON_FINITE,
-    SamplingParams,
-    flag_non_finite,
-    make_sampler,
-    token_ids,
-)
+from gptoss_mlx.sampling import SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 512
-_STREAM = mx.new_thread_local_stream(mx.default_device())
+STREAM = mx.new_thread_local_stream(mx.default_device())  # where the model runs
 
 
 class ContextLengthError(ValueError):
@@ -183,6 +177,22 @@ Progress = Callable[[int, int], None]
 LogitsProcessor = Callable[[Sequence[int], mx.array], mx.array]
 
 
+def prefill_chunks(
+    model: Any, cache: PromptCache, prompt: Sequence[int], chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[mx.array]:
+    """Feed the part of `prompt` after the tokens `cache` holds (a prefix of it: see
+    `PromptCache.reuse`), `chunk` tokens per step; yield the last logits [1, V] after each."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    for start in range(len(cache.tokens), len(prompt), chunk):
+        piece = list(prompt[start : start + chunk])
+        with mx.stream(STREAM):
+            logits = model(mx.array([piece], dtype=mx.int32), cache=cache.layers, last_only=True)
+        mx.eval(logits, [layer.state for layer in cache.layers])
+        cache.tokens += piece
+        yield logits[:, -1, :]
+
+
 def prefill(
     model: Any,
     cache: PromptCache,
@@ -197,17 +207,13 @@ def prefill(
     if not prompt:
         raise ValueError("the prompt is empty")
     reused = cache.reuse(prompt)
-    logits = None
-    for start in range(reused, len(prompt), chunk):
-        piece = list(prompt[start : start + chunk])
-        with mx.stream(_STREAM):
-            logits = model(mx.array([piece], dtype=mx.int32), cache=cache.layers, last_only=True)
-        mx.eval(logits, [layer.state for layer in cache.layers])
-        cache.tokens += piece
+    last = None
+    for logits in prefill_chunks(model, cache, prompt, chunk):
+        last = logits
         if progress is not None:
-            progress(start + len(piece), len(prompt))
-    assert logits is not None
-    return logits[:, -1, :], reused
+            progress(len(cache.tokens), len(prompt))
+    assert last is not None
+    return last, reused
 
 
 def stream(
@@ -234,88 +240,22 @@ def stream(
     `progress(done, total)` reports the prefill chunk by chunk. `logits_processors` run in order
     on each step's logits (e.g. `chat.forcing.ToolCallForcing`); the token is sampled from what
     they return.
+
+    This is the batch scheduler (`gptoss_mlx.scheduler`) running one sequence.
     """
-    ctx = context_limit(model, max_context)
-    limited = ctx < context_length(model)
-    holds = f"the context is limited to {ctx}" if limited else f"the model's context holds {ctx}"
-    if len(prompt) >= ctx:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens but {holds}; "
-            "shorten it to leave room for an answer"
-        )
-    limit = ctx - len(prompt)
-    if max_tokens is not None:
-        limit = min(limit, max_tokens)
-    stops = tokenizer.stop_tokens if stop_tokens is None else stop_tokens
-    sampler = flag_non_finite(make_sampler(sampling or SamplingParams()))
-    cache = cache if cache is not None else PromptCache(model)
-    parser = HarmonyStreamParser(tokenizer)
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    generated: list[int] = []
+    from gptoss_mlx.scheduler import BatchGenerator  # it builds on this module
 
-    lookahead = not logits_processors  # a processor must see each token first
-
-    def sample(logits: mx.array) -> mx.array:
-        for processor in logits_processors:
-            logits = processor(generated, logits)
-        return sampler(logits)
-
-    def step(token: mx.array) -> mx.array:
-        with mx.stream(_STREAM):
-            logits = model(token_ids(token).reshape(1, 1), cache=cache.layers, last_only=True)
-            return sample(logits[:, -1, :])
-
-    mx.reset_peak_memory()
-    start = time.perf_counter()
+    batch = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
+    generation = batch.submit(
+        prompt, cache=cache, sampling=sampling, max_tokens=max_tokens, stop_tokens=stop_tokens,
+        max_context=max_context, progress=progress, logits_processors=logits_processors)
     try:
-        if limit <= 0:
-            stats.finish_reason = "length"
-            yield Done([], [], stats)
-            return
-        logits, stats.cached_tokens = prefill(model, cache, prompt, prefill_chunk, progress)
-        with mx.stream(_STREAM):
-            y = sample(logits)
-        mx.async_eval(y)
-        decode_start = start
         while True:
-            fed = len(generated) + 1 < limit
-            if fed and lookahead:  # queue the next step before reading this token
-                next_y = step(y)
-                mx.async_eval(next_y)
-            token = int(y.item())
-            if token & NON_FINITE:
-                raise NonFiniteLogitsError(len(generated))
-            if not generated:
-                decode_start = time.perf_counter()
-                stats.time_to_first_token = decode_start - start
-            generated.append(token)
-            if fed:
-                cache.tokens.append(token)
-                if not lookahead:
-                    next_y = step(y)
-                    mx.async_eval(next_y)
-            last = token in stops or not fed
-            parsed = parser.feed(token)
-            if last:
-                parsed += parser.finish()  # closes a message cut off by the limit
-            yield TokenEvent(token, parsed)
-            if last:
-                break
-            y = next_y
-            if len(generated) % 256 == 0:
-                mx.clear_cache()
-        end = time.perf_counter()
-        final_token = generated[-1]
-        if final_token in stops:
-            stats.finish_reason = "tool_calls" if final_token == CALL else "stop"
-        else:
-            stats.finish_reason = "length" if limit == max_tokens else "context"
-        stats.generated_tokens = len(generated)
-        prefilled = len(prompt) - stats.cached_tokens
-        stats.prefill_tps = prefilled / max(stats.time_to_first_token, 1e-9)
-        if len(generated) > 1:
-            stats.decode_tps = (len(generated) - 1) / max(end - decode_start, 1e-9)
-        stats.peak_memory = mx.get_peak_memory()
-        yield Done(parser.messages, generated, stats)
+            for _, event in batch.step():
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if isinstance(event, Done):
+                    return
     finally:
-        cache.sync()
+        batch.cancel(generation)  # leaves the cache consistent with its tokens

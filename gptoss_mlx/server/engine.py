@@ -1,12 +1,14 @@
-"""The one thread that runs the model, taking turns between the requests it serves.
+"""The one thread that runs the model, for all the requests it serves at once.
 
 MLX must not evaluate graphs from several threads at once, so every request becomes a `Job` on
-one first-come first-served queue, and a single worker thread runs all the generations admitted,
-round-robin one token each, each with its own KV cache (a prompt-cache slot when one is free, a
-fresh cache otherwise), so a long generation does not hold the others back. How many run at once
-and how many requests wait is bounded on the event loop by `Admission` (a 429 beyond that). The
-event loop reads a job's events through `Job.events()`; cancelling a job (the client went away, a
-stop string matched) ends its generation at the worker's next turn; `shutdown` ends them all.
+one first-come first-served queue, and a single worker thread drives one `BatchGenerator`
+(continuous batching, see gptoss_mlx.scheduler): each step prefills a chunk of the oldest new
+prompt and advances every running generation by one token in one forward pass, each with its own
+KV cache (a prompt-cache slot when one is free, a fresh cache otherwise). Jobs join and leave
+between steps. How many run at once and how many requests wait is bounded on the event loop by
+`Admission` (a 429 beyond that). The event loop reads a job's events through `Job.events()`;
+cancelling a job (the client went away, a stop string matched) ends its generation before the
+worker's next step, freeing its place; `shutdown` ends them all.
 
     async with engine.admitted():         # a generation slot, or APIError 429/503
         job = engine.submit(prompt_ids, sampling=SamplingParams(), max_tokens=None)
@@ -25,8 +27,7 @@ import contextvars
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from gptoss_mlx.chat.forcing import ToolCallForcing
@@ -36,12 +37,11 @@ from gptoss_mlx.generate import (
     DEFAULT_PREFILL_CHUNK,
     Done,
     GenerationStats,
-    PromptCache,
     TokenEvent,
     context_limit,
-    stream,
 )
 from gptoss_mlx.sampling import SamplingParams
+from gptoss_mlx.scheduler import BatchGenerator, Generation
 from gptoss_mlx.server.admission import Admission, Ticket
 from gptoss_mlx.server.errors import shutting_down
 from gptoss_mlx.server.prompt_cache import PromptCachePool
@@ -103,7 +103,8 @@ class Job:
 class Engine:
     """Owns the model, its tokenizer and prompt caches, and the worker thread that uses them.
 
-    `model` may be replaced between requests (tests wrap it); the worker reads it per job.
+    `model` may be replaced between requests (tests wrap it); the worker takes it up when no
+    generation runs.
     """
 
     def __init__(
@@ -120,8 +121,9 @@ class Engine:
         max_context: int | None = None,
     ):
         """`cache_slots` prompt caches are kept between requests; up to `max_batch`
-        generations run at once (each with its own KV cache: plan the memory for it), up to
-        `max_queue` requests wait for one, each at most `queue_timeout` seconds."""
+        generations run at once, decoding as one batch (each with its own KV cache: plan the
+        memory for it), up to `max_queue` requests wait for a place, each at most
+        `queue_timeout` seconds; prompts are prefilled `prefill_chunk` tokens per step."""
         self.model = model
         self.max_context = max_context
         self.tokenizer = tokenizer
@@ -133,6 +135,7 @@ class Engine:
         # prefixes, identical across requests.
         self.current_date = current_date or today()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._batch = BatchGenerator(model, tokenizer, prefill_chunk)  # the worker's
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -204,22 +207,39 @@ class Engine:
         return job
 
     def _work(self) -> None:
-        active: list[_Running] = []
+        jobs: dict[Generation, Job] = {}
         while True:
-            if self._stopping.is_set() or not self._admit(active):
-                for run in active:
-                    self._interrupt(run)
+            for generation, job in list(jobs.items()):
+                if job.cancelled.is_set():
+                    log.info("generation ended early after %d tokens (client gone or stop "
+                             "string)", len(generation.generated))
+                    self._batch.cancel(generation)
+                    del jobs[generation]
+                    job.end()
+            if self._stopping.is_set() or not self._admit(jobs):
+                for generation, job in jobs.items():
+                    self._interrupt(generation, job)
                 self._drain()
                 return
-            active[:] = [run for run in active if self._step(run)]
+            for generation, event in self._batch.step():
+                job = jobs[generation]
+                job.emit(event)
+                if isinstance(event, Exception):
+                    log.error("generation failed", exc_info=event)
+                elif isinstance(event, Done):
+                    log.info("%s; finish: %s", event.stats.summary(), event.stats.finish_reason)
+                else:
+                    continue
+                del jobs[generation]
+                job.end()
 
-    def _admit(self, active: list[_Running]) -> bool:
-        """Start every queued job, blocking only when nothing runs (the admission on the event
-        loop bounds how many there are). Returns False when `shutdown` asked the worker to exit.
-        """
+    def _admit(self, jobs: dict[Generation, Job]) -> bool:
+        """Submit every queued job to the batch, blocking only when nothing runs (the admission
+        on the event loop bounds how many there are). Returns False when `shutdown` asked the
+        worker to exit."""
         while True:
             try:
-                job = self._jobs.get(block=not active)
+                job = self._jobs.get(block=not self._batch.busy)
             except queue.Empty:
                 return True
             if job is None:
@@ -227,61 +247,34 @@ class Engine:
             if job.cancelled.is_set():
                 job.end()
                 continue
-            cache = self.caches.acquire(job.prompt, busy=[run.cache for run in active])
-            job.cached_tokens = cache.reuse(job.prompt)  # stream's prefill finds it trimmed
-            events = stream(
-                self.model,
-                self.tokenizer,
-                job.prompt,
-                cache=cache,
-                sampling=job.sampling,
-                max_tokens=job.max_tokens,
-                prefill_chunk=self.prefill_chunk,
-                max_context=self.max_context,
-                logits_processors=[job.forcing] if job.forcing else (),
-            )
-            active.append(_Running(job, cache, events))
+            batch = self._batch
+            if not batch.busy and batch.model is not self.model:  # a test swapped the model
+                batch = self._batch = BatchGenerator(self.model, self.tokenizer,
+                                                     self.prefill_chunk)
+            cache = self.caches.acquire(job.prompt, busy=[g.cache for g in batch.generations])
+            try:
+                generation = batch.submit(
+                    job.prompt, cache=cache, sampling=job.sampling, max_tokens=job.max_tokens,
+                    max_context=self.max_context,
+                    logits_processors=[job.forcing] if job.forcing else ())
+            except Exception as exc:  # reported to the request; the worker keeps serving
+                log.exception("generation failed")
+                job.emit(exc)
+                job.end()
+                continue
+            job.cached_tokens = generation.stats.cached_tokens
+            jobs[generation] = job
 
-    def _step(self, run: _Running) -> bool:
-        """Advance one generation by one event; False when it is over."""
-        if run.job.cancelled.is_set():
-            log.info("generation ended early after %d tokens (client gone or stop string)",
-                     len(run.tokens))
-            self._finish(run)
-            return False
-        try:
-            event = next(run.events)
-        except StopIteration:
-            self._finish(run)
-            return False
-        except Exception as exc:  # reported to the request; the worker keeps serving
-            log.exception("generation failed")
-            run.job.emit(exc)
-            self._finish(run)
-            return False
-        run.job.emit(event)
-        if isinstance(event, Done):
-            log.info("%s; finish: %s", event.stats.summary(), event.stats.finish_reason)
-            self._finish(run)
-            return False
-        run.tokens.append(event.token)
-        return True
-
-    @staticmethod
-    def _finish(run: _Running) -> None:
-        run.events.close()  # leaves the cache consistent with its tokens
-        run.job.end()
-
-    def _interrupt(self, run: _Running) -> None:
+    def _interrupt(self, generation: Generation, job: Job) -> None:
         """End a generation the server stops: a Done cut off ("interrupted")."""
-        run.events.close()
-        if not run.job.cancelled.is_set():
-            stats = GenerationStats(prompt_tokens=len(run.job.prompt),
-                                    cached_tokens=run.job.cached_tokens,
-                                    generated_tokens=len(run.tokens),
+        self._batch.cancel(generation)
+        if not job.cancelled.is_set():
+            stats = GenerationStats(prompt_tokens=len(job.prompt),
+                                    cached_tokens=job.cached_tokens,
+                                    generated_tokens=len(generation.generated),
                                     finish_reason="interrupted")
-            run.job.emit(Done([], list(run.tokens), stats))
-        run.job.end()
+            job.emit(Done([], list(generation.generated), stats))
+        job.end()
 
     def _drain(self) -> None:
         """End the jobs still queued when the worker stops (nothing generated for them)."""
@@ -294,13 +287,3 @@ class Engine:
                 job.emit(Done([], [], GenerationStats(prompt_tokens=len(job.prompt),
                                                       finish_reason="interrupted")))
                 job.end()
-
-
-@dataclass
-class _Running:
-    """A job the worker is generating for, with the cache slot it holds."""
-
-    job: Job
-    cache: PromptCache
-    events: Generator[TokenEvent | Done, None, None]
-    tokens: list[int] = field(default_factory=list)  # generated so far
