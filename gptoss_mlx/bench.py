@@ -306,10 +306,16 @@ def format_table(
         host = f"{1000 * r.host_per_token:.2f}" if r.test.n_gen else ""
         rows.append([model, gb(size), r.runtime, r.test.name, f"{mean:.2f} ± {std:.2f}",
                      f"{1000 * r.ttft:.1f}", gb(r.peak_memory), host, bw])
-    right = {1, 4, 5, 6, 7}
+    return markdown_table(header, rows, right={1, 4, 5, 6, 7})
+
+
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
+) -> str:
+    """A markdown table with padded columns, those in `right` right-aligned."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
 
-    def line(cells: list[str]) -> str:
+    def line(cells: Sequence[str]) -> str:
         padded = [c.rjust(w) if i in right else c.ljust(w)
                   for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return "| " + " | ".join(padded) + " |"
@@ -317,7 +323,7 @@ def format_table(
     rule = "| " + " | ".join(
         "-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)
     ) + " |"
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+    return "\n".join([line(header), rule, *map(line, rows)])
 
 
 def ratios(

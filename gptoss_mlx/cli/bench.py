@@ -38,11 +38,31 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--compare", is_flag=True,
               help="Also run mlx-lm (mlx_lm.stream_generate) on the same folder; print the "
                    "speed ratios ours / mlx-lm. mlx-lm loads its own copy of the weights.")
+@click.option("--serve", is_flag=True,
+              help="Benchmark the server instead: start `gptoss-mlx serve` (and with --compare "
+                   "`mlx_lm.server`, continuous batching on), one at a time, and drive each with "
+                   "--clients concurrent streaming chat completions; -r rounds per concurrency.")
+@click.option("--clients", default="1,2,4,8,16", callback=_sizes, metavar="N[,N...]",
+              show_default=True, help="--serve: concurrent clients, comma-separated.")
+@click.option("--stream-tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="--serve: max_tokens of each stream.")
+@click.option("--stream-prompt", type=click.IntRange(min=1), default=128, show_default=True,
+              help="--serve: words (about one token each) in each client's prompt.")
+@click.option("--long-prompt", type=click.IntRange(min=0), default=4000, show_default=True,
+              help="--serve: words of the prompt that arrives while 4 streams decode; 0 skips "
+                   "that probe.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
+              help="--serve: the prefill chunk whose solo time the long prompt's delay is "
+                   "compared with (also mlx_lm.server's --prefill-step-size).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              default=None, help="--serve: also write the results to this JSON file.")
 def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
-                  repetitions: int, experts: tuple[str, ...], compare: bool) -> None:
+                  repetitions: int, experts: tuple[str, ...], compare: bool, serve: bool,
+                  clients: list[int], stream_tokens: int, stream_prompt: int, long_prompt: int,
+                  prefill_chunk: int, json_path: str | None) -> None:
     """Benchmark prefill and decode on MODEL: tokens per second, time to first token, peak
     memory and decode's share of the chip's memory bandwidth. The table goes to stdout, progress
-    and ratios to stderr."""
+    and ratios to stderr. With --serve, the server under concurrent streaming clients."""
     import mlx.core as mx
 
     from gptoss_mlx import bench, load
@@ -50,12 +70,18 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     from gptoss_mlx.model.weights import ModelLoadError, locate
 
     tests = bench.llama_bench_tests(n_prompt, n_gen, depth)
-    if not tests:
+    if not tests and not serve:
         raise click.UsageError("nothing to run: give at least one --n-prompt or --n-gen size")
     try:
         model_path = locate(source)  # a repo id: its local copy (downloaded once)
     except ModelLoadError as e:
         raise click.ClickException(str(e)) from None
+    if serve:
+        if not clients:
+            raise click.UsageError("--clients: give at least one concurrency")
+        serve_bench(model_path, clients, repetitions, stream_prompt, stream_tokens, long_prompt,
+                    prefill_chunk, compare, json_path)
+        return
     longest = max(t.n_prompt + t.depth + t.n_gen + 1 for t in tests)
     try:
         plan = ensure_fits(model_path, longest)
@@ -110,3 +136,35 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     if compare:
         for a in ours:
             click.echo(bench.format_ratios(results, a, "mlx-lm"), err=True)
+
+
+def serve_bench(model_path: Path, clients: list[int], rounds: int, prompt_words: int,
+                max_tokens: int, long_words: int, chunk_tokens: int, compare: bool,
+                json_path: str | None) -> None:
+    """`bench --serve`: each server's table, then the ratios (stdout); progress on stderr."""
+    import json
+
+    from gptoss_mlx import serve_bench as sb
+
+    room = max(*clients, sb.LONG_PROMPT_STREAMS + 1 if long_words else 1)  # generations at once
+    servers = [sb.ours(model_path, room)]
+    if compare:
+        servers.append(sb.mlx_lm(model_path, room, chunk_tokens))
+    runs = []
+    for server in servers:
+        try:
+            runs.append(sb.bench_server(
+                server, clients, rounds=rounds, prompt_words=prompt_words, max_tokens=max_tokens,
+                long_words=long_words, chunk_tokens=chunk_tokens,
+                progress=lambda line: click.echo(line, err=True)))
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(sb.format_run(runs[-1]) + "\n")
+    if compare:
+        click.echo(f"{runs[0].server} / {runs[1].server}:")
+        click.echo(sb.format_ratios(runs[0], runs[1]) + "\n")
+    for run in runs:
+        if run.long_prompt is not None:
+            click.echo(f"{run.server}: {sb.describe_long_prompt(run.long_prompt)}")
+    if json_path:
+        Path(json_path).write_text(json.dumps([run.to_json() for run in runs], indent=1))

@@ -1,0 +1,413 @@
+"""Serving benchmark: concurrent streaming clients against OpenAI-compatible servers.
+
+Each server (`gptoss-mlx serve`, `mlx_lm.server` with continuous batching) is started on the same
+folder in its own process, one after the other (never both at once), on a free port. For each
+concurrency N, N clients send streaming chat completions at once (the same prompts to every
+server, greedy, a fixed `max_tokens`, no seed: mlx_lm.server batches only unseeded requests) and
+the driver notes when each chunk carrying text arrives. The same rule counts tokens on both
+servers: a stream's `usage.completion_tokens` (`stream_options.include_usage`), else its chunks.
+
+- aggregate tokens/s: all streams' tokens over the wall time from the first request to the last
+  stream's end;
+- per-stream tokens/s: a stream's tokens after its first over the time they took (median);
+- time to first token: from sending a request to its first chunk with text (p50, p99).
+
+The long-prompt probe starts a few streams, waits until they decode steadily, sends a long
+prompt, and reports how much the longest gap between two of their tokens around its arrival
+exceeds their usual gap, against the time one prefill chunk takes solo.
+
+`line_model` derives, from a model folder, one whose greedy output is ".\n" or ",\n" forever: the
+same shapes and work per token, but every token streams as its own chunk on both servers (to our
+server's parser a random model's tokens are a harmony header, held until it gives up after 48
+tokens; a line break ends a header at once) and no end-of-sequence token ever comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+LINE_TOKENS = (558, 412)  # ".\n" and ",\n" in o200k
+
+
+@dataclass(frozen=True)
+class Server:
+    """How to start one server: `argv` with `{port}` in it, the `model` its requests name."""
+
+    name: str
+    argv: tuple[str, ...]
+    model: str
+
+
+LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
+
+
+def ours(folder: str | Path, max_concurrent: int) -> Server:
+    """`gptoss-mlx serve` with room for `max_concurrent` generations at once."""
+    return Server("gptoss-mlx", (sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(folder),
+                                 "--port", "{port}", "--log-level", "warning",
+                                 "--max-concurrent", str(max_concurrent)), "bench")
+
+
+def mlx_lm(folder: str | Path, max_concurrent: int, prefill_step: int) -> Server:
+    """`mlx_lm.server` with continuous batching of up to `max_concurrent` streams, prefilling
+    `prefill_step` tokens at a time."""
+    return Server("mlx_lm.server", (
+        sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", "{port}",
+        "--log-level", "WARNING", "--decode-concurrency", str(max_concurrent),
+        "--prefill-step-size", str(prefill_step)), "default_model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(server: Server, timeout: float = 180.0) -> Iterator[str]:
+    """Start `server` on a free port and wait until `/health` answers; yields its base URL.
+    Stops it (SIGTERM, then SIGKILL) when the block ends."""
+    import httpx2
+
+    port = free_port()
+    argv = [a.replace("{port}", str(port)) for a in server.argv]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://{HOST}:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read()[-2000:]
+                    raise RuntimeError(f"{server.name} did not start ({' '.join(argv)}):\n{tail}")
+                with contextlib.suppress(httpx2.HTTPError):
+                    if httpx2.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.25)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def prompt_text(n_words: int, seed: int) -> str:
+    """A user message of `n_words` common words (one o200k token each), different per seed."""
+    from gptoss_mlx.convert.demo_corpus import WORDS
+
+    rng = random.Random(seed)
+    return f"Request {seed}:" + "".join(" " + rng.choice(WORDS) for _ in range(n_words))
+
+
+@dataclass
+class Stream:
+    """One streamed completion as the client saw it (perf_counter seconds)."""
+
+    sent: float
+    chunks: list[float] = field(default_factory=list)  # arrival of each chunk carrying text
+    usage: dict[str, Any] | None = None  # the last chunk's, with include_usage
+    end: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """`usage.completion_tokens`, else the number of chunks with text."""
+        return self.usage["completion_tokens"] if self.usage else len(self.chunks)
+
+    @property
+    def ttft(self) -> float:
+        return self.chunks[0] - self.sent if self.chunks else math.nan
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens after the first over the time from the first chunk to the last."""
+        span = self.chunks[-1] - self.chunks[0] if len(self.chunks) > 1 else 0.0
+        return (self.tokens - 1) / span if span > 0 else math.nan
+
+
+def _has_text(delta: dict[str, Any]) -> bool:
+    return any(delta.get(k) for k in ("content", "reasoning_content", "reasoning", "tool_calls"))
+
+
+async def stream_chat(
+    client: Any, url: str, model: str, text: str, max_tokens: int,
+    stop: Callable[[Stream], bool] | None = None,
+) -> Stream:
+    """Send one streaming chat completion; note when each chunk with text arrives. `stop(s)`,
+    checked after each chunk, ends the stream early (the client disconnects)."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    s = Stream(sent=time.perf_counter())
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank lines and SSE comments (mlx_lm.server's keepalives)
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"{url}: error in the stream: {chunk['error']}")
+            s.usage = chunk.get("usage") or s.usage
+            if any(_has_text(c.get("delta") or {}) for c in chunk.get("choices") or ()):
+                s.chunks.append(time.perf_counter())
+                if stop is not None and stop(s):
+                    break
+    s.end = time.perf_counter()
+    return s
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100), linear between the nearest ranks."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Level:
+    """Every round of one concurrency on one server."""
+
+    concurrency: int
+    rounds: list[list[Stream]] = field(default_factory=list)
+
+    @property
+    def streams(self) -> list[Stream]:
+        return [s for r in self.rounds for s in r]
+
+    @property
+    def aggregate_tps(self) -> float:
+        """Mean over rounds of all tokens over the round's wall time."""
+        return statistics.mean(sum(s.tokens for s in r) / (max(s.end for s in r)
+                                                            - min(s.sent for s in r))
+                               for r in self.rounds)
+
+    @property
+    def stream_tps(self) -> float:
+        return statistics.median(s.decode_tps for s in self.streams)
+
+    def ttft(self, q: float) -> float:
+        return percentile([s.ttft for s in self.streams], q)
+
+    def summary(self) -> dict[str, float]:
+        return {"clients": self.concurrency, "aggregate_tps": self.aggregate_tps,
+                "stream_tps": self.stream_tps, "ttft_p50": self.ttft(50),
+                "ttft_p99": self.ttft(99), "tokens": sum(s.tokens for s in self.streams),
+                "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams)}
+
+
+async def run_level(url: str, model: str, concurrency: int, rounds: int, prompt_words: int,
+                    max_tokens: int, seed: int) -> Level:
+    """`rounds` times: `concurrency` clients at once, each with its own prompt."""
+    import httpx2
+
+    level = Level(concurrency)
+    limits = httpx2.Limits(max_connections=concurrency + 4)
+    async with httpx2.AsyncClient(timeout=httpx2.Timeout(600.0), limits=limits) as client:
+        for r in range(rounds):
+            texts = [prompt_text(prompt_words, seed + 1000 * r + i) for i in range(concurrency)]
+            level.rounds.append(list(await asyncio.gather(
+                *(stream_chat(client, url, model, t, max_tokens) for t in texts))))
+    return level
+
+
+@dataclass
+class LongPrompt:
+    """How a long prompt arriving delays streams that are decoding."""
+
+    prompt_tokens: int  # the long request's prompt, as its server counted it
+    long_ttft: float  # the long request's time to first token
+    chunk_tokens: int
+    chunk_time: float  # a solo prefill of `chunk_tokens` more tokens (see `_chunk_time`)
+    usual_gap: float  # the streams' median gap between tokens before the arrival
+    worst_gap: float  # their longest gap overlapping [arrival, long request's first token]
+
+    @property
+    def extra_delay(self) -> float:
+        return self.worst_gap - self.usual_gap
+
+
+async def _chunk_time(client: Any, url: str, model: str, words: int, seed: int,
+                      repeats: int = 3) -> float:
+    """A solo prefill of `words` more words: the median over `repeats` back-to-back pairs of the
+    time to first token of a prompt with them minus that of an 8-word prompt."""
+    diffs = []
+    for i in range(repeats):
+        short = await stream_chat(client, url, model, prompt_text(8, seed + 2 * i), 2)
+        long = await stream_chat(client, url, model, prompt_text(8 + words, seed + 2 * i + 1), 2)
+        diffs.append(long.ttft - short.ttft)
+    return statistics.median(diffs)
+
+
+async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_STREAMS,
+                            long_words: int = 4000,
+                            chunk_tokens: int = 512, warm_tokens: int = 8,
+                            seed: int = 777) -> LongPrompt:
+    """`streams` clients decode; after each has `warm_tokens` tokens a `long_words` prompt
+    arrives; the streams end `warm_tokens` tokens after its first token."""
+    import httpx2
+
+    async with httpx2.AsyncClient(timeout=httpx2.Timeout(600.0)) as client:
+        chunk_time = await _chunk_time(client, url, model, chunk_tokens, seed)
+        warm = asyncio.Event()
+        long_done: list[float] = []
+        running: list[Stream] = []
+
+        def stop(s: Stream) -> bool:
+            if not any(r is s for r in running):
+                running.append(s)
+            if len(running) == streams and all(len(r.chunks) >= warm_tokens for r in running):
+                warm.set()
+            return bool(long_done) and sum(t > long_done[0] for t in s.chunks) >= warm_tokens
+
+        texts = [prompt_text(16, seed + 100 + i) for i in range(streams)]
+        tasks = [asyncio.create_task(stream_chat(client, url, model, t, 100_000, stop))
+                 for t in texts]
+        waiter = asyncio.create_task(warm.wait())
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if not warm.is_set():  # a stream ended (or failed) before they all decoded
+            for t in (waiter, *tasks):
+                t.cancel()
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            raise RuntimeError(f"{url}: a stream ended before {streams} streams decoded")
+        arrival = time.perf_counter()
+        long = await stream_chat(client, url, model, prompt_text(long_words, seed + 200), 2)
+        long_done.append(long.chunks[0])
+        decoded = await asyncio.gather(*tasks)
+    usual, worst = [], 0.0
+    for s in decoded:
+        pairs = list(zip(s.chunks, s.chunks[1:], strict=False))
+        usual += [b - a for a, b in pairs if b < arrival]
+        worst = max([worst] + [b - a for a, b in pairs if b > arrival and a < long_done[0]])
+    prompt_tokens = long.usage["prompt_tokens"] if long.usage else -1
+    return LongPrompt(prompt_tokens, long.ttft, chunk_tokens, chunk_time,
+                      statistics.median(usual), worst)
+
+
+@dataclass
+class ServerRun:
+    """One server's results."""
+
+    server: str
+    levels: list[Level]
+    long_prompt: LongPrompt | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        lp = self.long_prompt
+        return {"server": self.server, "levels": [lv.summary() for lv in self.levels],
+                "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None}
+
+
+def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_words: int,
+                 max_tokens: int, long_words: int, chunk_tokens: int,
+                 progress: Callable[[str], None] = lambda s: None) -> ServerRun:
+    """Start `server`, warm it up, run every concurrency in `clients`, then (with `long_words`)
+    the long-prompt probe; stop it."""
+    with launched(server) as url:
+        progress(f"{server.name}: up at {url}")
+        asyncio.run(run_level(url, server.model, 2, 1, prompt_words, 8, seed=99_999))
+        levels = []
+        for n in clients:
+            level = asyncio.run(run_level(url, server.model, n, rounds, prompt_words,
+                                          max_tokens, seed=10_000 * n))
+            progress(f"{server.name}: {n} clients: {level.aggregate_tps:.1f} tok/s aggregate, "
+                     f"{level.stream_tps:.1f} per stream, TTFT p50 {1000 * level.ttft(50):.0f} ms")
+            levels.append(level)
+        long = None
+        if long_words:
+            long = asyncio.run(long_prompt_probe(url, server.model, long_words=long_words,
+                                                 chunk_tokens=chunk_tokens))
+            progress(f"{server.name}: long prompt: {describe_long_prompt(long)}")
+    return ServerRun(server.name, levels, long)
+
+
+def describe_long_prompt(lp: LongPrompt) -> str:
+    verdict = "within" if lp.extra_delay <= lp.chunk_time else "MORE than"
+    return (f"a {lp.prompt_tokens}-token prompt arriving while 4 streams decode delays their "
+            f"next token by {1000 * lp.extra_delay:.0f} ms (longest gap "
+            f"{1000 * lp.worst_gap:.0f} ms, usual {1000 * lp.usual_gap:.1f} ms), {verdict} one "
+            f"{lp.chunk_tokens}-token prefill chunk ({1000 * lp.chunk_time:.0f} ms solo); its own "
+            f"TTFT {1000 * lp.long_ttft:.0f} ms")
+
+
+def format_run(run: ServerRun) -> str:
+    """A markdown table of one server's levels."""
+    from gptoss_mlx.bench import markdown_table
+
+    rows = [[run.server, str(lv.concurrency), f"{lv.aggregate_tps:.1f}", f"{lv.stream_tps:.1f}",
+             f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}"] for lv in run.levels]
+    return markdown_table(["server", "clients", "aggregate t/s", "per-stream t/s",
+                           "TTFT p50 ms", "TTFT p99 ms"], rows, right={1, 2, 3, 4, 5})
+
+
+def format_ratios(a: ServerRun, b: ServerRun) -> str:
+    """Per concurrency, `a / b`: speeds (above 1: a faster) and TTFTs (below 1: a sooner); and
+    each server's aggregate over its one-client aggregate."""
+    from gptoss_mlx.bench import markdown_table
+
+    base_a, base_b = a.levels[0].aggregate_tps, b.levels[0].aggregate_tps
+    rows = [[str(x.concurrency), f"{x.aggregate_tps / y.aggregate_tps:.2f}x",
+             f"{x.stream_tps / y.stream_tps:.2f}x", f"{x.ttft(50) / y.ttft(50):.2f}x",
+             f"{x.ttft(99) / y.ttft(99):.2f}x", f"{x.aggregate_tps / base_a:.2f}x",
+             f"{y.aggregate_tps / base_b:.2f}x"]
+            for x, y in zip(a.levels, b.levels, strict=True)]
+    return markdown_table(
+        ["clients", "aggregate", "per-stream", "TTFT p50", "TTFT p99",
+         f"{a.server} scaling", f"{b.server} scaling"], rows, right=set(range(7)))
+
+
+def line_model(src: str | Path, dst: str | Path, seed: int = 0) -> Path:
+    """A copy of the model folder `src` at `dst` (files linked, the lm_head's file rewritten)
+    whose lm_head rows are zero but two: a random vector for ".\\n" and its negative for ",\\n",
+    so one of them always wins: greedy output is one of them forever, at the same cost."""
+    import mlx.core as mx
+
+    src, dst = Path(src), Path(dst)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    head_file = index["weight_map"]["lm_head.weight"]
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != head_file:
+            os.symlink(f.resolve(), dst / f.name)
+    arrays, meta = mx.load(str(src / head_file), return_metadata=True)
+    head = arrays["lm_head.weight"]
+    if head.dtype not in (mx.bfloat16, mx.float16, mx.float32):
+        shutil.rmtree(dst)
+        raise ValueError(f"{src / head_file}: lm_head.weight is {head.dtype}; expected an "
+                         "unquantized float lm_head")
+    u = mx.random.normal((head.shape[1],), key=mx.random.key(seed)).astype(head.dtype)
+    rows = mx.zeros_like(head)
+    rows[LINE_TOKENS[0]] = u
+    rows[LINE_TOKENS[1]] = -u
+    arrays["lm_head.weight"] = rows
+    mx.save_safetensors(str(dst / head_file), arrays, metadata=meta)
+    return dst

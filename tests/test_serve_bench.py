@@ -1,0 +1,93 @@
+"""`gptoss-mlx bench --serve`: the line model streams one chunk per token, and the driver's
+tables and JSON hold the servers' own counts for both servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from click.testing import CliRunner
+from tiktoken.load import load_tiktoken_bpe
+
+from gptoss_mlx import load
+from gptoss_mlx.cli import main
+from gptoss_mlx.generate import TokenEvent, stream
+from gptoss_mlx.sampling import SamplingParams
+from gptoss_mlx.serve_bench import LINE_TOKENS, line_model, percentile, prompt_text
+
+
+@pytest.fixture(scope="module")
+def line_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return line_model(tiny_model_dir, tmp_path_factory.mktemp("lines") / "tiny-lines")
+
+
+def test_line_tokens_are_line_ends(vocab_path: Path) -> None:
+    # tiktoken's own o200k_base as the oracle for what the two token ids are
+    enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+",
+                            mergeable_ranks=load_tiktoken_bpe(str(vocab_path)),
+                            special_tokens={})
+    assert [enc.decode([t]) for t in LINE_TOKENS] == [".\n", ",\n"]
+
+
+def test_line_model_says_only_line_ends(line_dir: Path, tiny_model_dir: Path) -> None:
+    model, tokenizer = load(line_dir, experts="mlx")
+    prompt = tokenizer.encode(prompt_text(40, seed=3))
+    events = stream(model, tokenizer, prompt, sampling=SamplingParams(temperature=0),
+                    max_tokens=12, stop_tokens=frozenset())
+    tokens = [e.token for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == 12 and set(tokens) <= set(LINE_TOKENS)
+    # only the lm_head's file is new; the rest is the source folder's
+    linked = {f.name for f in line_dir.iterdir() if f.is_symlink()}
+    assert linked == {f.name for f in tiny_model_dir.iterdir()} - {
+        json.loads((tiny_model_dir / "model.safetensors.index.json").read_text())
+        ["weight_map"]["lm_head.weight"]}
+
+
+def test_percentile_is_numpys_linear() -> None:
+    values = [0.3, 0.1, 0.9, 0.5, 0.7, 0.2]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--serve", "--compare", "-m", str(line_dir), "--clients", "1,2", "-r", "1",
+        "--stream-tokens", "6", "--stream-prompt", "16", "--long-prompt", "300",
+        "--prefill-chunk", "64", "--json", str(out)])
+    assert result.exit_code == 0, result.output + result.stderr
+    runs = json.loads(out.read_text())
+    assert [r["server"] for r in runs] == ["gptoss-mlx", "mlx_lm.server"]
+    for run in runs:
+        assert [lv["clients"] for lv in run["levels"]] == [1, 2]
+        for lv in run["levels"]:
+            # the server's usage: the line model never stops, each token is its own chunk
+            assert lv["tokens"] == lv["chunks"] == 6 * lv["clients"]
+            assert lv["aggregate_tps"] > 0 and lv["stream_tps"] > 0
+            assert 0 < lv["ttft_p50"] <= lv["ttft_p99"]
+        lp = run["long_prompt"]
+        assert lp["prompt_tokens"] > 300  # the server's count of the long prompt
+        assert lp["worst_gap"] >= lp["usual_gap"] > 0 and lp["long_ttft"] > 0
+    ours, theirs, ratio = tables(result.stdout)
+    assert [row[:2] for row in ours[1:]] == [["gptoss-mlx", "1"], ["gptoss-mlx", "2"]]
+    assert [row[:2] for row in theirs[1:]] == [["mlx_lm.server", "1"], ["mlx_lm.server", "2"]]
+    for row, a, b in zip(ratio[1:], runs[0]["levels"], runs[1]["levels"], strict=True):
+        assert row[1] == f"{a['aggregate_tps'] / b['aggregate_tps']:.2f}x"
+    assert result.stdout.count("prompt arriving while 4 streams decode") == 2
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables in `text`: their header and rows as cells, without the rule."""
+    out: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("| "):
+            if not previous.startswith("| "):
+                out.append([])
+            if not set(line) <= set("|-: "):
+                out[-1].append([c.strip() for c in line.split("|")[1:-1]])
+        previous = line
+    return out
