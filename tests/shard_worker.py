@@ -10,7 +10,6 @@ parameters. `launch(n, args)` runs the script on n local ranks (ring backend, CP
 from __future__ import annotations
 
 import functools
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+
+from gptoss_mlx.model.local_ranks import launch_command
 
 PROMPT = 20  # > DECODE_MAX_TOKENS (16) and, with BATCH * top-4, >= 64 pairs: the prefill paths
 BATCH = 2
@@ -55,35 +56,9 @@ def logits_trace(model_dir: str | Path, experts: str = "mlx",
     return out, model
 
 
-def free_ports(n: int) -> int:
-    """A port p with p..p+n-1 free on localhost (the ring backend listens on one per rank)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def launch(ranks: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run this script on `ranks` local ranks through `mlx.launch` (ring backend)."""
-    cmd = [sys.executable, "-c",
-           "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-           "-n", str(ranks), "--backend", "ring", "-p", str(free_ports(ranks)), "--",
-           sys.executable, str(Path(__file__).resolve()), *args]
+    cmd = launch_command(ranks, [str(Path(__file__).resolve()), *args])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
 
 
