@@ -34,7 +34,8 @@ REAL = dict(vocab_size=2048, hidden_size=2880, intermediate_size=2880, num_local
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Releases in both layouts and their converted folders, at both shapes."""
+    """Releases in both layouts and their converted folders, at both shapes; the tiny one also
+    converted with 8-bit dense layers (quantized o_proj, embedding and lm_head split too)."""
     root = tmp_path_factory.mktemp("sharded")
     out = {}
     for name, shape in (("tiny", TINY), ("real", REAL)):
@@ -43,6 +44,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         convert(src, root / f"{name}-mlx", progress=False)
         out[f"{name}-release"], out[f"{name}-original"] = src, src / "original"
         out[f"{name}-mlx"] = root / f"{name}-mlx"
+    convert(out["tiny-release"], root / "tiny-d8", progress=False, dense_bits=8)
+    out["tiny-d8"] = root / "tiny-d8"
     return out
 
 
@@ -80,7 +83,7 @@ def reference(model_dir: Path) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize(("source", "ranks"), [
-    ("tiny-mlx", 2), ("tiny-original", 4), ("real-release", 4), ("real-mlx", 2),
+    ("tiny-mlx", 2), ("tiny-original", 4), ("tiny-d8", 4), ("real-release", 4), ("real-mlx", 2),
 ])
 def test_sharded_logits_match_one_process(checkpoints: dict[str, Path], tmp_path: Path,
                                           source: str, ranks: int) -> None:
