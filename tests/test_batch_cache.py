@@ -290,3 +290,17 @@ def test_batched_decode_on_emulated_metal_kernels_equals_solo(tmp_path: Path) ->
         assert ran and all(name.endswith("_gemv") for name in ran), ran
         for r in range(len(lengths)):
             assert_close(np.array(logits[r, -1]), want[r][s], f"row {r} step {s}")
+
+
+def test_a_row_with_empty_caches_starts_at_position_zero(model) -> None:
+    """A sequence added before any token (fresh caches) decodes from position 0 beside rows
+    that hold many, as it would alone."""
+    feed = tokens(80, 20)
+    want = decode_solo(model, model.make_cache(SLACK, STEP), feed)
+    batch = BatchCache(model)
+    batch.add(prefilled(model, tokens(81, 40)))
+    batch.add(model.make_cache(SLACK, STEP))
+    assert batch.offsets == [40, 0]
+    for s, t in enumerate(feed):
+        logits = model(mx.array([[1], [t]]), cache=batch, last_only=True)
+        assert_close(np.array(logits[1, -1]), want[s], f"step {s}")
