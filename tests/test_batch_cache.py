@@ -100,6 +100,10 @@ def run_schedule(model, slack: int, step: int) -> BatchCache:
         logits = model(mx.array([[feeds[i][done[i]]] for i in rows]), cache=batch,
                        last_only=True)
         mx.eval(logits, batch.state)
+        for layer in batch:  # memory stays bounded as for the rows' own caches
+            bound = (WINDOW + slack + 2 * step if isinstance(layer, BatchSlidingKVCache)
+                     else (max(batch.offsets) // GROW_STEP + 1) * GROW_STEP)
+            assert layer.keys.shape[2] <= bound
         for r, i in enumerate(rows):
             assert_close(np.array(logits[r, -1]), want[i][done[i]], f"seq {i} step {done[i]}")
             done[i] += 1

@@ -207,10 +207,10 @@ class BatchSlidingKVCache(_BatchLayer):
         self.size: list[int] = []  # each row's own buffer length (0: none yet)
 
     def _capacity(self, used: int) -> int:
-        most = max((self.window + s + c for s, c in zip(self.slack, self.compact_step,
-                                                           strict=True)), default=0)
-        return max(used + 1, max(self.size, default=0), most) + max(self.compact_step,
-                                                                    default=1)
+        # The longest buffer a row's own cache has (at most window + slack + compact_step,
+        # >= used), plus compact_step: columns are dropped at most every compact_step steps.
+        own = [self.window + s + c for s, c in zip(self.slack, self.compact_step, strict=True)]
+        return max(used, *self.size, *own) + max(self.compact_step, default=1)
 
     def _advance(self) -> None:
         # SlidingKVCache.update_and_fetch for one token: a full buffer is reallocated with
