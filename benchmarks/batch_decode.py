@@ -6,9 +6,9 @@
 
 For each model (default: a tiny random one with a 4096-token vocabulary, and one with the
 released 20b's dimensions but 2 layers, vocabulary included, written to a temporary folder;
-`--synthetic` picks), prefills `max(--batch)` sequences of different lengths around `--context`
-on their own caches, then for each B adds the first B to a `BatchCache` and times `--steps`
-greedy decode steps. Prints per B the step time (fastest and median), tokens per second (B per
+`--synthetic` picks), prefills 4 sequences of different lengths up to `--context` on their own
+caches, then for each B adds B of them (in turn) to a `BatchCache` and times `--steps` greedy
+decode steps. Prints per B the step time (fastest and median), tokens per second (B per
 fastest step) and their ratio to B=1; the first row, `own`, is one sequence decoding on its own
 per-sequence caches (what `generate` does), the baseline for B=1. Table on stdout, progress on
 stderr. The real-dims model takes ~5 GB in float32: on a shared machine run it under
@@ -34,6 +34,7 @@ from gptoss_mlx.model.cache import LayerCache
 from gptoss_mlx.model.loader import load_model
 
 WARMUP = 2
+DISTINCT = 4  # prompts prefilled (their caches fill the rows in turn)
 
 
 def log(msg: str) -> None:
@@ -76,12 +77,14 @@ Row = tuple[str, tuple[float, float], int]  # label, (fastest, median) seconds, 
 
 def bench(model, batches: list[int], context: int, steps: int) -> list[Row]:
     """One row for a sequence on its own caches, then one for each B."""
-    count = max(batches)
-    lengths = [max(1, context - 7 * i) for i in range(count)]  # rows need their padding masks
+    # DISTINCT prompts of different lengths (the rows need their padding masks), repeated:
+    # adding a sequence's caches leaves them as they are, so they can fill several rows
+    lengths = [max(1, context - 7 * i) for i in range(min(DISTINCT, max(batches)))]
     caches = []
     for i, n in enumerate(lengths):
-        log(f"  prefill {i + 1}/{count}: {n} tokens")
+        log(f"  prefill {i + 1}/{len(lengths)}: {n} tokens")
         caches.append(prefilled(model, n, seed=i))
+    caches = [caches[i % len(caches)] for i in range(max(batches))]
     token = mx.zeros((1, 1), dtype=mx.int32)
 
     own = prefilled(model, lengths[0], seed=0)
