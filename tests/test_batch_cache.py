@@ -100,6 +100,10 @@ def run_schedule(model, slack: int, step: int) -> BatchCache:
         logits = model(mx.array([[feeds[i][done[i]]] for i in rows]), cache=batch,
                        last_only=True)
         mx.eval(logits, batch.state)
+        for layer in batch:  # memory stays bounded as for the rows' own caches
+            bound = (WINDOW + slack + 2 * step if isinstance(layer, BatchSlidingKVCache)
+                     else (max(batch.offsets) // GROW_STEP + 1) * GROW_STEP)
+            assert layer.keys.shape[2] <= bound
         for r, i in enumerate(rows):
             assert_close(np.array(logits[r, -1]), want[i][done[i]], f"seq {i} step {done[i]}")
             done[i] += 1
@@ -290,3 +294,17 @@ def test_batched_decode_on_emulated_metal_kernels_equals_solo(tmp_path: Path) ->
         assert ran and all(name.endswith("_gemv") for name in ran), ran
         for r in range(len(lengths)):
             assert_close(np.array(logits[r, -1]), want[r][s], f"row {r} step {s}")
+
+
+def test_a_row_with_empty_caches_starts_at_position_zero(model) -> None:
+    """A sequence added before any token (fresh caches) decodes from position 0 beside rows
+    that hold many, as it would alone."""
+    feed = tokens(80, 20)
+    want = decode_solo(model, model.make_cache(SLACK, STEP), feed)
+    batch = BatchCache(model)
+    batch.add(prefilled(model, tokens(81, 40)))
+    batch.add(model.make_cache(SLACK, STEP))
+    assert batch.offsets == [40, 0]
+    for s, t in enumerate(feed):
+        logits = model(mx.array([[1], [t]]), cache=batch, last_only=True)
+        assert_close(np.array(logits[1, -1]), want[s], f"step {s}")
