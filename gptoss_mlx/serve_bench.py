@@ -45,6 +45,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 LINE_TOKENS = (558, 412)  # ".\n" and ",\n" in o200k
+LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,6 @@ class Server:
     name: str
     argv: tuple[str, ...]
     model: str
-
-
-LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
 
 
 def ours(folder: str | Path, max_concurrent: int) -> Server:
@@ -159,24 +157,29 @@ async def stream_chat(
     body = {"model": model, "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    import httpx2
+
     s = Stream(sent=time.perf_counter())
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank lines and SSE comments (mlx_lm.server's keepalives)
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: error in the stream: {chunk['error']}")
-            s.usage = chunk.get("usage") or s.usage
-            if any(_has_text(c.get("delta") or {}) for c in chunk.get("choices") or ()):
-                s.chunks.append(time.perf_counter())
-                if stop is not None and stop(s):
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank lines and SSE comments (mlx_lm.server's keepalives)
+                data = line[5:].strip()
+                if data == "[DONE]":
                     break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"{url}: error in the stream: {chunk['error']}")
+                s.usage = chunk.get("usage") or s.usage
+                if any(_has_text(c.get("delta") or {}) for c in chunk.get("choices") or ()):
+                    s.chunks.append(time.perf_counter())
+                    if stop is not None and stop(s):
+                        break
+    except httpx2.HTTPError as e:
+        raise RuntimeError(f"{url}: the stream broke: {type(e).__name__} {e}") from e
     s.end = time.perf_counter()
     return s
 
@@ -254,14 +257,18 @@ class LongPrompt:
         return self.worst_gap - self.usual_gap
 
 
+PROBE_TOKENS = 8  # max_tokens of the probes' requests (a real model's header comes first)
+
+
 async def _chunk_time(client: Any, url: str, model: str, words: int, seed: int,
                       repeats: int = 3) -> float:
     """A solo prefill of `words` more words: the median over `repeats` back-to-back pairs of the
     time to first token of a prompt with them minus that of an 8-word prompt."""
     diffs = []
     for i in range(repeats):
-        short = await stream_chat(client, url, model, prompt_text(8, seed + 2 * i), 2)
-        long = await stream_chat(client, url, model, prompt_text(8 + words, seed + 2 * i + 1), 2)
+        short, long = [await stream_chat(client, url, model, prompt_text(n, seed + 2 * i + j),
+                                         PROBE_TOKENS)
+                       for j, n in enumerate((8, 8 + words))]
         diffs.append(long.ttft - short.ttft)
     return statistics.median(diffs)
 
@@ -300,8 +307,9 @@ async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_
                     raise t.exception()  # type: ignore[misc]
             raise RuntimeError(f"{url}: a stream ended before {streams} streams decoded")
         arrival = time.perf_counter()
-        long = await stream_chat(client, url, model, prompt_text(long_words, seed + 200), 2)
-        long_done.append(long.chunks[0])
+        long = await stream_chat(client, url, model, prompt_text(long_words, seed + 200),
+                                 PROBE_TOKENS)
+        long_done.append(long.chunks[0] if long.chunks else long.end)
         decoded = await asyncio.gather(*tasks)
     usual, worst = [], 0.0
     for s in decoded:
