@@ -95,8 +95,9 @@ def launched(server: Server, timeout: float = 180.0) -> Iterator[str]:
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    tail = log.read()[-2000:]
-                    raise RuntimeError(f"{server.name} did not start ({' '.join(argv)}):\n{tail}")
+                    last = ([line for line in log.read().splitlines() if line.strip()]
+                            or ["no output"])[-1]
+                    raise RuntimeError(f"{server.name} did not start ({' '.join(argv)}): {last}")
                 with contextlib.suppress(httpx2.HTTPError):
                     if httpx2.get(url + "/health", timeout=2).status_code == 200:
                         break

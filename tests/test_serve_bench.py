@@ -91,3 +91,15 @@ def tables(text: str) -> list[list[list[str]]]:
                 out[-1].append([c.strip() for c in line.split("|")[1:-1]])
         previous = line
     return out
+
+
+def test_serve_bench_names_a_server_that_does_not_start(tiny_model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for name in ("config.json", "o200k_base.tiktoken"):
+        (folder / name).symlink_to(tiny_model_dir / name)
+    result = CliRunner().invoke(main, ["bench", "--serve", "-m", str(folder), "--clients", "1"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "gptoss-mlx did not start" in errors[0] and "safetensors" in errors[0]
