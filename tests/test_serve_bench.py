@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import tiktoken
 from click.testing import CliRunner
-from tiktoken.load import load_tiktoken_bpe
 
 from gptoss_mlx import load
 from gptoss_mlx.cli import main
@@ -24,12 +23,24 @@ def line_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return line_model(tiny_model_dir, tmp_path_factory.mktemp("lines") / "tiny-lines")
 
 
-def test_line_tokens_are_line_ends(vocab_path: Path) -> None:
-    # tiktoken's own o200k_base as the oracle for what the two token ids are
-    enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+",
-                            mergeable_ranks=load_tiktoken_bpe(str(vocab_path)),
-                            special_tokens={})
-    assert [enc.decode([t]) for t in LINE_TOKENS] == [".\n", ",\n"]
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir: Path) -> Any:
+    """The release's tokenizer.json through Hugging Face tokenizers: the oracle for token ids."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+
+
+def test_line_tokens_are_line_ends(hf_tokenizer: Any) -> None:
+    assert [hf_tokenizer.decode([t]) for t in LINE_TOKENS] == [".\n", ",\n"]
+
+
+def test_prompt_words_are_one_token_each(hf_tokenizer: Any) -> None:
+    def count(text: str) -> int:
+        return len(hf_tokenizer.encode(text, add_special_tokens=False).ids)
+
+    head = count("Request 5:")
+    assert [count(prompt_text(n, seed=5)) - head for n in (1, 100, 4000)] == [1, 100, 4000]
 
 
 def test_line_model_says_only_line_ends(line_dir: Path, tiny_model_dir: Path) -> None:
