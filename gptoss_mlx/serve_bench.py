@@ -202,7 +202,8 @@ class Level:
     """Every round of one concurrency on one server."""
 
     concurrency: int
-    rounds: list[list[Stream]] = field(default_factory=list)
+    rounds: list[list[Stream]] = field(default_factory=list)  # the streams that completed
+    errors: list[str] = field(default_factory=list)  # why the others failed
 
     @property
     def streams(self) -> list[Stream]:
@@ -213,11 +214,11 @@ class Level:
         """Mean over rounds of all tokens over the round's wall time."""
         return statistics.mean(sum(s.tokens for s in r) / (max(s.end for s in r)
                                                             - min(s.sent for s in r))
-                               for r in self.rounds)
+                               for r in self.rounds if r) if any(self.rounds) else math.nan
 
     @property
     def stream_tps(self) -> float:
-        return statistics.median(s.decode_tps for s in self.streams)
+        return statistics.median(s.decode_tps for s in self.streams) if self.streams else math.nan
 
     def ttft(self, q: float) -> float:
         return percentile([s.ttft for s in self.streams], q)
@@ -226,12 +227,14 @@ class Level:
         return {"clients": self.concurrency, "aggregate_tps": self.aggregate_tps,
                 "stream_tps": self.stream_tps, "ttft_p50": self.ttft(50),
                 "ttft_p99": self.ttft(99), "tokens": sum(s.tokens for s in self.streams),
-                "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams)}
+                "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams),
+                "failed": len(self.errors)}
 
 
 async def run_level(url: str, model: str, concurrency: int, rounds: int, prompt_words: int,
                     max_tokens: int, seed: int) -> Level:
-    """`rounds` times: `concurrency` clients at once, each with its own prompt."""
+    """`rounds` times: `concurrency` clients at once, each with its own prompt. A stream the
+    server breaks or refuses counts as failed (its message kept), not in the statistics."""
     import httpx2
 
     level = Level(concurrency)
@@ -239,8 +242,14 @@ async def run_level(url: str, model: str, concurrency: int, rounds: int, prompt_
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(600.0), limits=limits) as client:
         for r in range(rounds):
             texts = [prompt_text(prompt_words, seed + 1000 * r + i) for i in range(concurrency)]
-            level.rounds.append(list(await asyncio.gather(
-                *(stream_chat(client, url, model, t, max_tokens) for t in texts))))
+            done = await asyncio.gather(
+                *(stream_chat(client, url, model, t, max_tokens) for t in texts),
+                return_exceptions=True)
+            for d in done:
+                if isinstance(d, BaseException) and not isinstance(d, RuntimeError):
+                    raise d
+            level.rounds.append([d for d in done if isinstance(d, Stream)])
+            level.errors += [str(d) for d in done if isinstance(d, RuntimeError)]
     return level
 
 
@@ -331,11 +340,13 @@ class ServerRun:
     server: str
     levels: list[Level]
     long_prompt: LongPrompt | None = None
+    long_prompt_error: str = ""  # why the long-prompt probe failed
 
     def to_json(self) -> dict[str, Any]:
         lp = self.long_prompt
         return {"server": self.server, "levels": [lv.summary() for lv in self.levels],
-                "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None}
+                "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None,
+                "long_prompt_error": self.long_prompt_error or None}
 
 
 def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_words: int,
@@ -351,14 +362,20 @@ def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_
             level = asyncio.run(run_level(url, server.model, n, rounds, prompt_words,
                                           max_tokens, seed=10_000 * n))
             progress(f"{server.name}: {n} clients: {level.aggregate_tps:.1f} tok/s aggregate, "
-                     f"{level.stream_tps:.1f} per stream, TTFT p50 {1000 * level.ttft(50):.0f} ms")
+                     f"{level.stream_tps:.1f} per stream, TTFT p50 {1000 * level.ttft(50):.0f} ms"
+                     + (f"; {len(level.errors)} failed: {level.errors[0]}" if level.errors
+                        else ""))
             levels.append(level)
-        long = None
+        run = ServerRun(server.name, levels)
         if long_words:
-            long = asyncio.run(long_prompt_probe(url, server.model, long_words=long_words,
-                                                 chunk_tokens=chunk_tokens))
-            progress(f"{server.name}: long prompt: {describe_long_prompt(long)}")
-    return ServerRun(server.name, levels, long)
+            try:
+                run.long_prompt = asyncio.run(long_prompt_probe(
+                    url, server.model, long_words=long_words, chunk_tokens=chunk_tokens))
+                progress(f"{server.name}: long prompt: {describe_long_prompt(run.long_prompt)}")
+            except RuntimeError as e:
+                run.long_prompt_error = str(e)
+                progress(f"{server.name}: the long-prompt probe failed: {e}")
+    return run
 
 
 def describe_long_prompt(lp: LongPrompt) -> str:
@@ -375,9 +392,10 @@ def format_run(run: ServerRun) -> str:
     from gptoss_mlx.bench import markdown_table
 
     rows = [[run.server, str(lv.concurrency), f"{lv.aggregate_tps:.1f}", f"{lv.stream_tps:.1f}",
-             f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}"] for lv in run.levels]
+             f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}", str(len(lv.errors))]
+            for lv in run.levels]
     return markdown_table(["server", "clients", "aggregate t/s", "per-stream t/s",
-                           "TTFT p50 ms", "TTFT p99 ms"], rows, right={1, 2, 3, 4, 5})
+                           "TTFT p50 ms", "TTFT p99 ms", "failed"], rows, right={1, 2, 3, 4, 5, 6})
 
 
 def format_ratios(a: ServerRun, b: ServerRun) -> str:

@@ -166,5 +166,7 @@ def serve_bench(model_path: Path, clients: list[int], rounds: int, prompt_words:
     for run in runs:
         if run.long_prompt is not None:
             click.echo(f"{run.server}: {sb.describe_long_prompt(run.long_prompt)}")
+        elif run.long_prompt_error:
+            click.echo(f"{run.server}: the long-prompt probe failed: {run.long_prompt_error}")
     if json_path:
         Path(json_path).write_text(json.dumps([run.to_json() for run in runs], indent=1))
