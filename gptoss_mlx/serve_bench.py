@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -380,7 +379,8 @@ def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_
 
 def describe_long_prompt(lp: LongPrompt) -> str:
     verdict = "within" if lp.extra_delay <= lp.chunk_time else "MORE than"
-    return (f"a {lp.prompt_tokens}-token prompt arriving while 4 streams decode delays their "
+    return (f"a {lp.prompt_tokens}-token prompt arriving while {LONG_PROMPT_STREAMS} streams "
+            f"decode delays their "
             f"next token by {1000 * lp.extra_delay:.0f} ms (longest gap "
             f"{1000 * lp.worst_gap:.0f} ms, usual {1000 * lp.usual_gap:.1f} ms), {verdict} one "
             f"{lp.chunk_tokens}-token prefill chunk ({1000 * lp.chunk_time:.0f} ms solo); its own "
@@ -423,16 +423,15 @@ def line_model(src: str | Path, dst: str | Path, seed: int = 0) -> Path:
     src, dst = Path(src), Path(dst)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     head_file = index["weight_map"]["lm_head.weight"]
+    arrays, meta = mx.load(str(src / head_file), return_metadata=True)
+    head = arrays["lm_head.weight"]
+    if head.dtype not in (mx.bfloat16, mx.float16, mx.float32):
+        raise ValueError(f"{src / head_file}: lm_head.weight is {head.dtype}; expected an "
+                         "unquantized float lm_head")
     dst.mkdir(parents=True)
     for f in src.iterdir():
         if f.name != head_file:
             os.symlink(f.resolve(), dst / f.name)
-    arrays, meta = mx.load(str(src / head_file), return_metadata=True)
-    head = arrays["lm_head.weight"]
-    if head.dtype not in (mx.bfloat16, mx.float16, mx.float32):
-        shutil.rmtree(dst)
-        raise ValueError(f"{src / head_file}: lm_head.weight is {head.dtype}; expected an "
-                         "unquantized float lm_head")
     u = mx.random.normal((head.shape[1],), key=mx.random.key(seed)).astype(head.dtype)
     rows = mx.zeros_like(head)
     rows[LINE_TOKENS[0]] = u
