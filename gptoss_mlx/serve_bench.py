@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -45,6 +44,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 LINE_TOKENS = (558, 412)  # ".\n" and ",\n" in o200k
+LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,6 @@ class Server:
     name: str
     argv: tuple[str, ...]
     model: str
-
-
-LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
 
 
 def ours(folder: str | Path, max_concurrent: int) -> Server:
@@ -97,8 +94,9 @@ def launched(server: Server, timeout: float = 180.0) -> Iterator[str]:
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    tail = log.read()[-2000:]
-                    raise RuntimeError(f"{server.name} did not start ({' '.join(argv)}):\n{tail}")
+                    last = ([line for line in log.read().splitlines() if line.strip()]
+                            or ["no output"])[-1]
+                    raise RuntimeError(f"{server.name} did not start ({' '.join(argv)}): {last}")
                 with contextlib.suppress(httpx2.HTTPError):
                     if httpx2.get(url + "/health", timeout=2).status_code == 200:
                         break
@@ -114,11 +112,13 @@ def launched(server: Server, timeout: float = 180.0) -> Iterator[str]:
 
 
 def prompt_text(n_words: int, seed: int) -> str:
-    """A user message of `n_words` common words (one o200k token each), different per seed."""
+    """A user message of a few tokens naming `seed`, then `n_words` common words of one o200k
+    token each; different per seed."""
     from gptoss_mlx.convert.demo_corpus import WORDS
 
+    words = [w for w in WORDS if w not in ("falcon", "goblet")]  # two tokens each
     rng = random.Random(seed)
-    return f"Request {seed}:" + "".join(" " + rng.choice(WORDS) for _ in range(n_words))
+    return f"Request {seed}:" + "".join(" " + rng.choice(words) for _ in range(n_words))
 
 
 @dataclass
@@ -159,24 +159,29 @@ async def stream_chat(
     body = {"model": model, "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    import httpx2
+
     s = Stream(sent=time.perf_counter())
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank lines and SSE comments (mlx_lm.server's keepalives)
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: error in the stream: {chunk['error']}")
-            s.usage = chunk.get("usage") or s.usage
-            if any(_has_text(c.get("delta") or {}) for c in chunk.get("choices") or ()):
-                s.chunks.append(time.perf_counter())
-                if stop is not None and stop(s):
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank lines and SSE comments (mlx_lm.server's keepalives)
+                data = line[5:].strip()
+                if data == "[DONE]":
                     break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"{url}: error in the stream: {chunk['error']}")
+                s.usage = chunk.get("usage") or s.usage
+                if any(_has_text(c.get("delta") or {}) for c in chunk.get("choices") or ()):
+                    s.chunks.append(time.perf_counter())
+                    if stop is not None and stop(s):
+                        break
+    except httpx2.HTTPError as e:
+        raise RuntimeError(f"{url}: the stream broke: {type(e).__name__} {e}") from e
     s.end = time.perf_counter()
     return s
 
@@ -196,7 +201,8 @@ class Level:
     """Every round of one concurrency on one server."""
 
     concurrency: int
-    rounds: list[list[Stream]] = field(default_factory=list)
+    rounds: list[list[Stream]] = field(default_factory=list)  # the streams that completed
+    errors: list[str] = field(default_factory=list)  # why the others failed
 
     @property
     def streams(self) -> list[Stream]:
@@ -207,11 +213,11 @@ class Level:
         """Mean over rounds of all tokens over the round's wall time."""
         return statistics.mean(sum(s.tokens for s in r) / (max(s.end for s in r)
                                                             - min(s.sent for s in r))
-                               for r in self.rounds)
+                               for r in self.rounds if r) if any(self.rounds) else math.nan
 
     @property
     def stream_tps(self) -> float:
-        return statistics.median(s.decode_tps for s in self.streams)
+        return statistics.median(s.decode_tps for s in self.streams) if self.streams else math.nan
 
     def ttft(self, q: float) -> float:
         return percentile([s.ttft for s in self.streams], q)
@@ -220,12 +226,14 @@ class Level:
         return {"clients": self.concurrency, "aggregate_tps": self.aggregate_tps,
                 "stream_tps": self.stream_tps, "ttft_p50": self.ttft(50),
                 "ttft_p99": self.ttft(99), "tokens": sum(s.tokens for s in self.streams),
-                "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams)}
+                "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams),
+                "failed": len(self.errors)}
 
 
 async def run_level(url: str, model: str, concurrency: int, rounds: int, prompt_words: int,
                     max_tokens: int, seed: int) -> Level:
-    """`rounds` times: `concurrency` clients at once, each with its own prompt."""
+    """`rounds` times: `concurrency` clients at once, each with its own prompt. A stream the
+    server breaks or refuses counts as failed (its message kept), not in the statistics."""
     import httpx2
 
     level = Level(concurrency)
@@ -233,8 +241,14 @@ async def run_level(url: str, model: str, concurrency: int, rounds: int, prompt_
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(600.0), limits=limits) as client:
         for r in range(rounds):
             texts = [prompt_text(prompt_words, seed + 1000 * r + i) for i in range(concurrency)]
-            level.rounds.append(list(await asyncio.gather(
-                *(stream_chat(client, url, model, t, max_tokens) for t in texts))))
+            done = await asyncio.gather(
+                *(stream_chat(client, url, model, t, max_tokens) for t in texts),
+                return_exceptions=True)
+            for d in done:
+                if isinstance(d, BaseException) and not isinstance(d, RuntimeError):
+                    raise d
+            level.rounds.append([d for d in done if isinstance(d, Stream)])
+            level.errors += [str(d) for d in done if isinstance(d, RuntimeError)]
     return level
 
 
@@ -254,14 +268,18 @@ class LongPrompt:
         return self.worst_gap - self.usual_gap
 
 
+PROBE_TOKENS = 8  # max_tokens of the probes' requests (a real model's header comes first)
+
+
 async def _chunk_time(client: Any, url: str, model: str, words: int, seed: int,
                       repeats: int = 3) -> float:
     """A solo prefill of `words` more words: the median over `repeats` back-to-back pairs of the
     time to first token of a prompt with them minus that of an 8-word prompt."""
     diffs = []
     for i in range(repeats):
-        short = await stream_chat(client, url, model, prompt_text(8, seed + 2 * i), 2)
-        long = await stream_chat(client, url, model, prompt_text(8 + words, seed + 2 * i + 1), 2)
+        short, long = [await stream_chat(client, url, model, prompt_text(n, seed + 2 * i + j),
+                                         PROBE_TOKENS)
+                       for j, n in enumerate((8, 8 + words))]
         diffs.append(long.ttft - short.ttft)
     return statistics.median(diffs)
 
@@ -300,8 +318,9 @@ async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_
                     raise t.exception()  # type: ignore[misc]
             raise RuntimeError(f"{url}: a stream ended before {streams} streams decoded")
         arrival = time.perf_counter()
-        long = await stream_chat(client, url, model, prompt_text(long_words, seed + 200), 2)
-        long_done.append(long.chunks[0])
+        long = await stream_chat(client, url, model, prompt_text(long_words, seed + 200),
+                                 PROBE_TOKENS)
+        long_done.append(long.chunks[0] if long.chunks else long.end)
         decoded = await asyncio.gather(*tasks)
     usual, worst = [], 0.0
     for s in decoded:
@@ -320,11 +339,13 @@ class ServerRun:
     server: str
     levels: list[Level]
     long_prompt: LongPrompt | None = None
+    long_prompt_error: str = ""  # why the long-prompt probe failed
 
     def to_json(self) -> dict[str, Any]:
         lp = self.long_prompt
         return {"server": self.server, "levels": [lv.summary() for lv in self.levels],
-                "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None}
+                "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None,
+                "long_prompt_error": self.long_prompt_error or None}
 
 
 def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_words: int,
@@ -340,19 +361,26 @@ def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_
             level = asyncio.run(run_level(url, server.model, n, rounds, prompt_words,
                                           max_tokens, seed=10_000 * n))
             progress(f"{server.name}: {n} clients: {level.aggregate_tps:.1f} tok/s aggregate, "
-                     f"{level.stream_tps:.1f} per stream, TTFT p50 {1000 * level.ttft(50):.0f} ms")
+                     f"{level.stream_tps:.1f} per stream, TTFT p50 {1000 * level.ttft(50):.0f} ms"
+                     + (f"; {len(level.errors)} failed: {level.errors[0]}" if level.errors
+                        else ""))
             levels.append(level)
-        long = None
+        run = ServerRun(server.name, levels)
         if long_words:
-            long = asyncio.run(long_prompt_probe(url, server.model, long_words=long_words,
-                                                 chunk_tokens=chunk_tokens))
-            progress(f"{server.name}: long prompt: {describe_long_prompt(long)}")
-    return ServerRun(server.name, levels, long)
+            try:
+                run.long_prompt = asyncio.run(long_prompt_probe(
+                    url, server.model, long_words=long_words, chunk_tokens=chunk_tokens))
+                progress(f"{server.name}: long prompt: {describe_long_prompt(run.long_prompt)}")
+            except RuntimeError as e:
+                run.long_prompt_error = str(e)
+                progress(f"{server.name}: the long-prompt probe failed: {e}")
+    return run
 
 
 def describe_long_prompt(lp: LongPrompt) -> str:
     verdict = "within" if lp.extra_delay <= lp.chunk_time else "MORE than"
-    return (f"a {lp.prompt_tokens}-token prompt arriving while 4 streams decode delays their "
+    return (f"a {lp.prompt_tokens}-token prompt arriving while {LONG_PROMPT_STREAMS} streams "
+            f"decode delays their "
             f"next token by {1000 * lp.extra_delay:.0f} ms (longest gap "
             f"{1000 * lp.worst_gap:.0f} ms, usual {1000 * lp.usual_gap:.1f} ms), {verdict} one "
             f"{lp.chunk_tokens}-token prefill chunk ({1000 * lp.chunk_time:.0f} ms solo); its own "
@@ -364,9 +392,10 @@ def format_run(run: ServerRun) -> str:
     from gptoss_mlx.bench import markdown_table
 
     rows = [[run.server, str(lv.concurrency), f"{lv.aggregate_tps:.1f}", f"{lv.stream_tps:.1f}",
-             f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}"] for lv in run.levels]
+             f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}", str(len(lv.errors))]
+            for lv in run.levels]
     return markdown_table(["server", "clients", "aggregate t/s", "per-stream t/s",
-                           "TTFT p50 ms", "TTFT p99 ms"], rows, right={1, 2, 3, 4, 5})
+                           "TTFT p50 ms", "TTFT p99 ms", "failed"], rows, right={1, 2, 3, 4, 5, 6})
 
 
 def format_ratios(a: ServerRun, b: ServerRun) -> str:
@@ -394,16 +423,15 @@ def line_model(src: str | Path, dst: str | Path, seed: int = 0) -> Path:
     src, dst = Path(src), Path(dst)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     head_file = index["weight_map"]["lm_head.weight"]
+    arrays, meta = mx.load(str(src / head_file), return_metadata=True)
+    head = arrays["lm_head.weight"]
+    if head.dtype not in (mx.bfloat16, mx.float16, mx.float32):
+        raise ValueError(f"{src / head_file}: lm_head.weight is {head.dtype}; expected an "
+                         "unquantized float lm_head")
     dst.mkdir(parents=True)
     for f in src.iterdir():
         if f.name != head_file:
             os.symlink(f.resolve(), dst / f.name)
-    arrays, meta = mx.load(str(src / head_file), return_metadata=True)
-    head = arrays["lm_head.weight"]
-    if head.dtype not in (mx.bfloat16, mx.float16, mx.float32):
-        shutil.rmtree(dst)
-        raise ValueError(f"{src / head_file}: lm_head.weight is {head.dtype}; expected an "
-                         "unquantized float lm_head")
     u = mx.random.normal((head.shape[1],), key=mx.random.key(seed)).astype(head.dtype)
     rows = mx.zeros_like(head)
     rows[LINE_TOKENS[0]] = u

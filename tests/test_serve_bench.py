@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import tiktoken
 from click.testing import CliRunner
-from tiktoken.load import load_tiktoken_bpe
 
 from gptoss_mlx import load
 from gptoss_mlx.cli import main
@@ -24,12 +23,24 @@ def line_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return line_model(tiny_model_dir, tmp_path_factory.mktemp("lines") / "tiny-lines")
 
 
-def test_line_tokens_are_line_ends(vocab_path: Path) -> None:
-    # tiktoken's own o200k_base as the oracle for what the two token ids are
-    enc = tiktoken.Encoding("o200k_base", pat_str=r"\S+|\s+",
-                            mergeable_ranks=load_tiktoken_bpe(str(vocab_path)),
-                            special_tokens={})
-    assert [enc.decode([t]) for t in LINE_TOKENS] == [".\n", ",\n"]
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir: Path) -> Any:
+    """The release's tokenizer.json through Hugging Face tokenizers: the oracle for token ids."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+
+
+def test_line_tokens_are_line_ends(hf_tokenizer: Any) -> None:
+    assert [hf_tokenizer.decode([t]) for t in LINE_TOKENS] == [".\n", ",\n"]
+
+
+def test_prompt_words_are_one_token_each(hf_tokenizer: Any) -> None:
+    def count(text: str) -> int:
+        return len(hf_tokenizer.encode(text, add_special_tokens=False).ids)
+
+    head = count("Request 5:")
+    assert [count(prompt_text(n, seed=5)) - head for n in (1, 100, 4000)] == [1, 100, 4000]
 
 
 def test_line_model_says_only_line_ends(line_dir: Path, tiny_model_dir: Path) -> None:
@@ -56,8 +67,8 @@ def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> Non
     out = tmp_path / "serve.json"
     result = CliRunner().invoke(main, [
         "bench", "--serve", "--compare", "-m", str(line_dir), "--clients", "1,2", "-r", "1",
-        "--stream-tokens", "6", "--stream-prompt", "16", "--long-prompt", "300",
-        "--prefill-chunk", "64", "--json", str(out)])
+        "--stream-tokens", "4", "--stream-prompt", "16", "--long-prompt", "200",
+        "--prefill-chunk", "32", "--json", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     runs = json.loads(out.read_text())
     assert [r["server"] for r in runs] == ["gptoss-mlx", "mlx_lm.server"]
@@ -65,11 +76,12 @@ def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> Non
         assert [lv["clients"] for lv in run["levels"]] == [1, 2]
         for lv in run["levels"]:
             # the server's usage: the line model never stops, each token is its own chunk
-            assert lv["tokens"] == lv["chunks"] == 6 * lv["clients"]
+            assert lv["failed"] == 0
+            assert lv["tokens"] == lv["chunks"] == 4 * lv["clients"]
             assert lv["aggregate_tps"] > 0 and lv["stream_tps"] > 0
             assert 0 < lv["ttft_p50"] <= lv["ttft_p99"]
         lp = run["long_prompt"]
-        assert lp["prompt_tokens"] > 300  # the server's count of the long prompt
+        assert lp["prompt_tokens"] > 200  # the server's count of the long prompt
         assert lp["worst_gap"] >= lp["usual_gap"] > 0 and lp["long_ttft"] > 0
     ours, theirs, ratio = tables(result.stdout)
     assert [row[:2] for row in ours[1:]] == [["gptoss-mlx", "1"], ["gptoss-mlx", "2"]]
@@ -91,3 +103,15 @@ def tables(text: str) -> list[list[list[str]]]:
                 out[-1].append([c.strip() for c in line.split("|")[1:-1]])
         previous = line
     return out
+
+
+def test_serve_bench_names_a_server_that_does_not_start(tiny_model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for name in ("config.json", "o200k_base.tiktoken"):
+        (folder / name).symlink_to(tiny_model_dir / name)
+    result = CliRunner().invoke(main, ["bench", "--serve", "-m", str(folder), "--clients", "1"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "gptoss-mlx did not start" in errors[0] and "safetensors" in errors[0]

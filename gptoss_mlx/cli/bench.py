@@ -47,10 +47,10 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--stream-tokens", type=click.IntRange(min=2), default=64, show_default=True,
               help="--serve: max_tokens of each stream.")
 @click.option("--stream-prompt", type=click.IntRange(min=1), default=128, show_default=True,
-              help="--serve: words (about one token each) in each client's prompt.")
+              help="--serve: words (one token each) in each client's prompt.")
 @click.option("--long-prompt", type=click.IntRange(min=0), default=4000, show_default=True,
-              help="--serve: words of the prompt that arrives while 4 streams decode; 0 skips "
-                   "that probe.")
+              help="--serve: words (one token each) of the prompt that arrives while 4 "
+                   "streams decode; 0 skips that probe.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
               help="--serve: the prefill chunk whose solo time the long prompt's delay is "
                    "compared with (also mlx_lm.server's --prefill-step-size).")
@@ -166,5 +166,7 @@ def serve_bench(model_path: Path, clients: list[int], rounds: int, prompt_words:
     for run in runs:
         if run.long_prompt is not None:
             click.echo(f"{run.server}: {sb.describe_long_prompt(run.long_prompt)}")
+        elif run.long_prompt_error:
+            click.echo(f"{run.server}: the long-prompt probe failed: {run.long_prompt_error}")
     if json_path:
         Path(json_path).write_text(json.dumps([run.to_json() for run in runs], indent=1))
