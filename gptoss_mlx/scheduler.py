@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,7 @@ class Generation:
 
     prompt: list[int]
     cache: PromptCache
-    sample: Any  # logits [1, V] -> flagged token [1] (see sampling.flag_non_finite)
+    sample: Callable[[mx.array], mx.array]  # logits [1, V] -> token [1], flagged if non-finite
     processors: Sequence[LogitsProcessor]
     limit: int  # tokens it may generate
     max_tokens: int | None
