@@ -108,10 +108,11 @@ class _BatchLayer:
         return self.keys[..., self.idx - n:self.idx, :], self.values[..., self.idx - n:self.idx, :]
 
     def _rebuild(self, rows: list[int], like: tuple[mx.array, mx.array],
-                 new: tuple[mx.array, mx.array, int] | None = None) -> None:
+                 new: tuple[mx.array | None, mx.array | None, int] | None = None) -> None:
         """New right-aligned buffers holding `rows` (in that order), then the `new` row
-        (keys, values [1, kv, have, D], have) if given; columns no row holds are dropped."""
-        haves = [self.have[r] for r in rows] + ([new[2]] if new else [])
+        (keys, values [1, kv, have, D] or None, have) if given; columns no row holds are
+        dropped."""
+        haves = [self.have[r] for r in rows] + ([new[2]] if new is not None else [])
         used = max(haves, default=0)
         if not haves:
             self.keys = self.values = None
@@ -126,7 +127,7 @@ class _BatchLayer:
                     if rows != list(range(old.shape[0])):
                         cols = mx.take(cols, mx.array(rows), axis=0)
                     buf[:len(rows), :, used - old_used:used, :] = cols
-                if new and new[2]:
+                if new is not None and new[2]:
                     buf[len(rows):, :, used - new[2]:used, :] = new[i]
                 buffers.append(buf)
             self.keys, self.values = buffers
@@ -136,23 +137,21 @@ class _BatchLayer:
         self.have, self.start = have, start
         self.offset = mx.array(self.offsets, dtype=mx.int32)
 
-    def _like(self, keys: mx.array | None, values: mx.array | None) -> tuple[mx.array, mx.array]:
-        if self.keys is not None and keys is not None and keys.dtype != self.keys.dtype:
-            raise ValueError(f"the batch holds {self.keys.dtype} keys, the sequence {keys.dtype}")
-        return (self.keys, self.values) if self.keys is not None else (keys, values)
-
     def add_row(self, keys: mx.array | None, values: mx.array | None, have: int,
                 start: int) -> None:
         """Append a row holding positions [start, start + have) in keys/values[..., :have, :]."""
-        like = self._like(keys, values)
+        like = (self.keys, self.values) if self.keys is not None else (keys, values)
         rows = list(range(len(self.have)))
         if like[0] is not None:
-            new = None if keys is None else (keys[..., :have, :], values[..., :have, :], have)
-            self._rebuild(rows, like, new)
+            if keys is not None:
+                keys, values = keys[..., :have, :], values[..., :have, :]
+            self._rebuild(rows, like, (keys, values, have))
         self._set_rows(self.have + [have], self.start + [start])
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows in this order."""
+        if rows == list(range(len(self.have))) and max(self.have, default=0) == self.idx:
+            return  # nothing to drop
         if self.keys is not None:
             self._rebuild(rows, (self.keys, self.values))
         self._set_rows([self.have[r] for r in rows], [self.start[r] for r in rows])
@@ -176,7 +175,6 @@ class _BatchLayer:
         cache.values = mx.zeros(shape, dtype=values.dtype)
         cache.keys[..., :keys.shape[2], :] = keys
         cache.values[..., :keys.shape[2], :] = values
-        mx.eval(cache.keys, cache.values)
 
 
 class BatchKVCache(_BatchLayer):
@@ -209,10 +207,10 @@ class BatchSlidingKVCache(_BatchLayer):
         self.size: list[int] = []  # each row's own buffer length (0: none yet)
 
     def _capacity(self, used: int) -> int:
-        most = max((self.window + s + c for s, c in zip(self.slack, self.compact_step,
-                                                           strict=True)), default=0)
-        return max(used + 1, max(self.size, default=0), most) + max(self.compact_step,
-                                                                    default=1)
+        # The longest buffer a row's own cache has (at most window + slack + compact_step,
+        # >= used), plus compact_step: columns are dropped at most every compact_step steps.
+        own = [self.window + s + c for s, c in zip(self.slack, self.compact_step, strict=True)]
+        return max(used, *self.size, *own) + max(self.compact_step, default=1)
 
     def _advance(self) -> None:
         # SlidingKVCache.update_and_fetch for one token: a full buffer is reallocated with
@@ -227,9 +225,6 @@ class BatchSlidingKVCache(_BatchLayer):
 
     def add(self, cache: SlidingKVCache) -> None:
         """Append a row equal to `cache`."""
-        if cache.window != self.window:
-            raise ValueError(f"a sliding layer of the sequence has window {cache.window}, "
-                             f"the model {self.window}")
         size = 0 if cache.keys is None else cache.keys.shape[2]
         self.slack.append(cache.slack)
         self.compact_step.append(cache.compact_step)
@@ -313,7 +308,9 @@ class BatchCache:
     def extract(self, row: int) -> list[LayerCache]:
         """Row `row` as per-sequence caches (as its own caches would be now); the batch keeps it."""
         row = self._row(row)
-        return [layer.extract(row) for layer in self.layers]
+        caches = [layer.extract(row) for layer in self.layers]
+        mx.eval([c.state for c in caches])  # copies now: nothing of the batch stays referenced
+        return caches
 
     def _row(self, row: int) -> int:
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.size:
@@ -329,6 +326,13 @@ class BatchCache:
             if type(cache) is not kind:
                 raise ValueError(f"layer {i} of the sequence is a {type(cache).__name__}, "
                                  f"the model's needs a {kind.__name__}")
+            if kind is SlidingKVCache and cache.window != batch_layer.window:
+                raise ValueError(f"layer {i} of the sequence has window {cache.window}, "
+                                 f"the model {batch_layer.window}")
+            if (batch_layer.keys is not None and cache.keys is not None
+                    and cache.keys.dtype != batch_layer.keys.dtype):
+                raise ValueError(f"the batch holds {batch_layer.keys.dtype} keys, the sequence "
+                                 f"{cache.keys.dtype}")
         if len({c.offset for c in layers}) > 1:
             raise ValueError("the sequence's layers hold different numbers of tokens: "
                              f"{sorted({c.offset for c in layers})}")

@@ -2,7 +2,8 @@
 
 `model.make_cache()` returns one cache per layer: a `KVCache` (grows) on full-attention layers and
 a `SlidingKVCache` (bounded) on sliding-window layers. Both have `.offset` (tokens seen),
-`.trimmable` (how many of the last tokens `.trim` can drop) and `.trim(n) -> int`.
+`.trimmable` (how many of the last tokens `.trim` can drop) and `.trim(n) -> int`. Sequences
+decoding together move theirs into one `batch_cache.BatchCache` and take them back from it.
 
 The sliding cache keeps at least the last `window + slack` positions, in order, in one buffer
 (rather than a ring, which would need a mask at every decode step over all its slots), so decode
