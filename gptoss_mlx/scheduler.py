@@ -59,7 +59,7 @@ from gptoss_mlx.sampling import (
     token_ids,
 )
 
-Event = TokenEvent | Done | Exception
+Event = TokenEvent | Done | Exception  # what `step` reports for a generation (an error ends it)
 
 
 @dataclass(eq=False)

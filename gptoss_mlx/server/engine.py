@@ -41,7 +41,7 @@ from gptoss_mlx.generate import (
     context_limit,
 )
 from gptoss_mlx.sampling import SamplingParams
-from gptoss_mlx.scheduler import BatchGenerator, Generation
+from gptoss_mlx.scheduler import BatchGenerator, Event, Generation
 from gptoss_mlx.server.admission import Admission, Ticket
 from gptoss_mlx.server.errors import shutting_down
 from gptoss_mlx.server.prompt_cache import PromptCachePool
@@ -233,7 +233,7 @@ class Engine:
                 del jobs[generation]
                 job.end()
 
-    def _step(self, jobs: dict[Generation, Job]) -> list[tuple[Generation, Any]]:
+    def _step(self, jobs: dict[Generation, Job]) -> list[tuple[Generation, Event]]:
         """The batch's next step; should it fail as a whole, every job gets the error, the
         caches are emptied, and a new batch serves the next requests."""
         try:
