@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from gptoss_mlx.sampling import (
     token_ids,
 )
 
-Event = TokenEvent | Done | Exception
+Event = TokenEvent | Done | Exception  # what `step` reports for a generation (an error ends it)
 
 
 @dataclass(eq=False)
@@ -68,7 +68,7 @@ class Generation:
 
     prompt: list[int]
     cache: PromptCache
-    sample: Any  # logits [1, V] -> flagged token [1] (see sampling.flag_non_finite)
+    sample: Callable[[mx.array], mx.array]  # logits [1, V] -> token [1], flagged if non-finite
     processors: Sequence[LogitsProcessor]
     limit: int  # tokens it may generate
     max_tokens: int | None
@@ -192,19 +192,21 @@ class BatchGenerator:
         generation = self._waiting[0]
         try:
             logits = next(generation.prefill)
-        except Exception as exc:  # the model failed: only this generation ends
+            if generation.progress is not None:
+                generation.progress(len(generation.cache), len(generation.prompt))
+            if len(generation.cache) < len(generation.prompt):
+                return
+            first = self._sample(generation, logits)
+        except Exception as exc:  # the model or a processor failed: only this generation ends
             self._waiting.popleft()
             generation.cache.sync()
             events.append((generation, exc))
             return
-        if generation.progress is not None:
-            generation.progress(len(generation.cache), len(generation.prompt))
-        if len(generation.cache) == len(generation.prompt):
-            self._waiting.popleft()
-            generation.prefill = None
-            generation.pending = self._sample(generation, logits)
-            mx.async_eval(generation.pending)
-            self._running.append(generation)
+        self._waiting.popleft()
+        generation.prefill = None
+        generation.pending = first
+        mx.async_eval(first)
+        self._running.append(generation)
 
     def _sample(self, generation: Generation, logits: mx.array) -> mx.array:
         for processor in generation.processors:
@@ -240,10 +242,17 @@ class BatchGenerator:
         if done:
             self._leave(done)
         later = [(i, g) for i, g in enumerate(fed) if g.processors and g in self._running]
+        failed = []
         for i, generation in later:  # processors see the token just read
-            generation.upcoming = self._sample(generation, logits[i : i + 1])
+            try:
+                generation.upcoming = self._sample(generation, logits[i : i + 1])
+            except Exception as exc:  # a processor failed: only its generation ends
+                events.append((generation, exc))
+                failed.append(generation)
+        if failed:
+            self._leave(failed)
         if later:
-            mx.async_eval([g.upcoming for _, g in later])
+            mx.async_eval([g.upcoming for _, g in later if g not in failed])
         for generation in self._running:
             generation.pending, generation.upcoming = generation.upcoming, None
 

@@ -210,23 +210,32 @@ def test_caches_come_back_reusable(loaded) -> None:
                              stop_tokens=NO_STOPS)[0]
 
 
-def test_non_finite_logits_fail_only_their_generation(loaded) -> None:
+def test_failures_end_only_their_generation(loaded) -> None:
+    """Non-finite logits in one row, or a logits processor that raises, end that generation
+    only; the others go on as they would alone."""
     model, tok = loaded
-    prompts = [prompt_of(n, 30 + n) for n in (8, 20)]
+    prompts = [prompt_of(n, 30 + n) for n in (8, 20, 14)]
     expected = solo(model, tok, prompts[0], sampling=GREEDY, max_tokens=10,
                     stop_tokens=NO_STOPS)[0]
 
-    def broken(generated: list[int], logits: mx.array) -> mx.array:
+    def non_finite(generated: list[int], logits: mx.array) -> mx.array:
         return logits * mx.nan if len(generated) == 3 else logits
 
-    schedule = {0: [(0, dict(prompt=prompts[0], sampling=GREEDY, max_tokens=10,
-                             stop_tokens=NO_STOPS)),
-                    (1, dict(prompt=prompts[1], sampling=GREEDY, max_tokens=10,
-                             stop_tokens=NO_STOPS, logits_processors=[broken]))]}
+    def raising(generated: list[int], logits: mx.array) -> mx.array:
+        if len(generated) == 2:
+            raise RuntimeError("the grammar broke")
+        return logits
+
+    schedule = {0: [(i, dict(prompt=p, sampling=GREEDY, max_tokens=10, stop_tokens=NO_STOPS,
+                             logits_processors=processors))
+                    for i, (p, processors) in enumerate(zip(
+                        prompts, ([], [non_finite], [raising]), strict=True))]}
     got = run(BatchGenerator(model, tok, prefill_chunk=CHUNK), schedule)
     tokens, done = got[1]
     assert isinstance(done, NonFiniteLogitsError) and len(tokens) == 3
     assert "output token 4" in str(done)
+    tokens, done = got[2]
+    assert isinstance(done, RuntimeError) and len(tokens) == 2
     assert got[0][0] == expected and isinstance(got[0][1], Done)
 
 

@@ -1,7 +1,7 @@
 """Admission control on the event loop: how many generations run, how many requests wait.
 
 At most `max_active` requests hold a ticket (each ticket is one generation with its own KV cache,
-all of them taking turns on the model thread); up to `max_queue` more wait for a ticket in
+all of them decoding as one batch on the model thread); up to `max_queue` more wait for a ticket in
 arrival order, none longer than `timeout` seconds. A request that finds the queue full, or waits
 too long, gets a 429 with `Retry-After`, so a few endless generations can delay new requests but
 never hold them indefinitely.

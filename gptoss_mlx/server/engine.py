@@ -41,7 +41,7 @@ from gptoss_mlx.generate import (
     context_limit,
 )
 from gptoss_mlx.sampling import SamplingParams
-from gptoss_mlx.scheduler import BatchGenerator, Generation
+from gptoss_mlx.scheduler import BatchGenerator, Event, Generation
 from gptoss_mlx.server.admission import Admission, Ticket
 from gptoss_mlx.server.errors import shutting_down
 from gptoss_mlx.server.prompt_cache import PromptCachePool
@@ -221,7 +221,7 @@ class Engine:
                     self._interrupt(generation, job)
                 self._drain()
                 return
-            for generation, event in self._batch.step():
+            for generation, event in self._step(jobs):
                 job = jobs[generation]
                 job.emit(event)
                 if isinstance(event, Exception):
@@ -232,6 +232,18 @@ class Engine:
                     continue
                 del jobs[generation]
                 job.end()
+
+    def _step(self, jobs: dict[Generation, Job]) -> list[tuple[Generation, Event]]:
+        """The batch's next step; should it fail as a whole, every job gets the error, the
+        caches are emptied, and a new batch serves the next requests."""
+        try:
+            return self._batch.step()
+        except Exception as exc:
+            log.exception("the batch failed")
+            for generation in self._batch.generations:
+                generation.cache.reset()
+            self._batch = BatchGenerator(self.model, self.tokenizer, self.prefill_chunk)
+            return [(generation, exc) for generation in jobs]
 
     def _admit(self, jobs: dict[Generation, Job]) -> bool:
         """Submit every queued job to the batch, blocking only when nothing runs (the admission
