@@ -14,8 +14,8 @@ returns it, with its finish reason and usage.
 
 from __future__ import annotations
 
-import contextlib
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,9 @@ from pydantic import ValidationError
 
 from gptoss_mlx.chat.harmony import HarmonyRenderer, today
 from gptoss_mlx.chat.tokenizer import Tokenizer
-from gptoss_mlx.generate import context_limit, stream
+from gptoss_mlx.generate import Done, context_limit
+from gptoss_mlx.memory import MAX_BATCH
+from gptoss_mlx.scheduler import BatchGenerator, Generation
 from gptoss_mlx.server.chat_completions import assistant_message, prepare, usage
 from gptoss_mlx.server.errors import APIError, validation_error
 from gptoss_mlx.server.output import OutputBuilder, OutputFeed
@@ -116,25 +118,40 @@ def prepare_requests(bodies: Sequence[tuple[int, ChatCompletionRequest]],
 
 
 def run_requests(model: Any, tokenizer: Tokenizer, requests: Sequence[GenerationRequest], *,
-                 max_context: int | None = None) -> Iterator[tuple[int, OutputFeed]]:
+                 max_context: int | None = None,
+                 max_batch: int = MAX_BATCH) -> Iterator[tuple[int, OutputFeed]]:
     """Generate every request; yield (its index in `requests`, its output) as each ends.
 
-    Today they run one after another over `generate.stream`, each with a fresh KV cache; they
-    will run together on the batched scheduler, which yields them as they finish, so callers
-    must not rely on the order. A stop string ends its request's generation.
+    They run together on the batched scheduler, at most `max_batch` at once (the next starts as
+    one ends, in input order), so results come in the order they finish. A stop string ends its
+    request's generation; a generation that fails raises its error.
     """
-    for index, request in enumerate(requests):
-        feed = OutputFeed(OutputBuilder(request.stop))
-        events = stream(model, tokenizer, request.prompt, sampling=request.sampling,
-                        max_tokens=request.max_tokens, max_context=max_context,
-                        logits_processors=[request.forcing] if request.forcing else ())
-        with contextlib.closing(events):
-            for event in events:
-                feed.push(event)
-                if feed.builder.stopped:
-                    break
-        feed.close()
-        yield index, feed
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    batch = BatchGenerator(model, tokenizer)
+    todo = deque(enumerate(requests))
+    feeds: dict[Generation, tuple[int, OutputFeed]] = {}
+    while todo or batch.busy:
+        while todo and len(feeds) < max_batch:
+            index, request = todo.popleft()
+            generation = batch.submit(
+                request.prompt, sampling=request.sampling, max_tokens=request.max_tokens,
+                max_context=max_context,
+                logits_processors=[request.forcing] if request.forcing else ())
+            feeds[generation] = (index, OutputFeed(OutputBuilder(request.stop)))
+        for generation, event in batch.step():
+            if isinstance(event, Exception):
+                raise event
+            if generation not in feeds:  # a stop string ended it earlier in this step
+                continue
+            index, feed = feeds[generation]
+            feed.push(event)
+            if feed.builder.stopped and not isinstance(event, Done):
+                batch.cancel(generation)
+            if feed.builder.stopped or isinstance(event, Done):
+                del feeds[generation]
+                feed.close()
+                yield index, feed
 
 
 def result(request: LineRequest, feed: OutputFeed) -> dict[str, Any]:

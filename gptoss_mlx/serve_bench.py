@@ -60,7 +60,7 @@ def ours(folder: str | Path, max_concurrent: int) -> Server:
     """`gptoss-mlx serve` with room for `max_concurrent` generations at once."""
     return Server("gptoss-mlx", (sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(folder),
                                  "--port", "{port}", "--log-level", "warning",
-                                 "--max-concurrent", str(max_concurrent)), "bench")
+                                 "--max-batch", str(max_concurrent)), "bench")
 
 
 def mlx_lm(folder: str | Path, max_concurrent: int, prefill_step: int) -> Server:
