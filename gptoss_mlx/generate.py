@@ -74,6 +74,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+# (n, f): the next prefill calls f(cache) once the cache holds the prompt's first n tokens
+Checkpoint = tuple[int, Callable[["PromptCache"], None]]
+
+
 class PromptCache:
     """A model's per-layer KV caches together with the exact token ids they hold."""
 
@@ -81,6 +85,7 @@ class PromptCache:
         self.model = model
         self.layers: list[Any] = model.make_cache()
         self.tokens: list[int] = []
+        self.checkpoint: Checkpoint | None = None  # see `prefill` (the prompt store sets it)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -193,21 +198,35 @@ def prefill(
     """Feed the part of `prompt` the cache lacks; return (last logits [1, V], reused count).
 
     `progress(done, total)` is called after each chunk with prompt tokens in the cache so far.
+    A `cache.checkpoint` (n, f) inside the part prefilled ends a chunk at n and calls f(cache)
+    there; it is used up either way.
     """
     if not prompt:
         raise ValueError("the prompt is empty")
     reused = cache.reuse(prompt)
+    checkpoint, cache.checkpoint = cache.checkpoint, None
+    split = checkpoint[0] if checkpoint and reused < checkpoint[0] < len(prompt) else None
     logits = None
-    for start in range(reused, len(prompt), chunk):
-        piece = list(prompt[start : start + chunk])
+    for start, end in _chunks(reused, len(prompt), chunk, split):
+        piece = list(prompt[start:end])
         with mx.stream(_STREAM):
             logits = model(mx.array([piece], dtype=mx.int32), cache=cache.layers, last_only=True)
         mx.eval(logits, [layer.state for layer in cache.layers])
         cache.tokens += piece
+        if end == split and checkpoint is not None:
+            checkpoint[1](cache)
         if progress is not None:
-            progress(start + len(piece), len(prompt))
+            progress(end, len(prompt))
     assert logits is not None
     return logits[:, -1, :], reused
+
+
+def _chunks(start: int, stop: int, chunk: int, split: int | None) -> Iterator[tuple[int, int]]:
+    """(start, end) pieces of [start, stop) of at most `chunk` tokens, one ending at `split`."""
+    edges = [start, *([split] if split is not None else []), stop]
+    for a, b in zip(edges, edges[1:], strict=False):
+        for s in range(a, b, chunk):
+            yield s, min(s + chunk, b)
 
 
 def stream(

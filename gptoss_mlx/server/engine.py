@@ -41,6 +41,7 @@ from gptoss_mlx.generate import (
     context_limit,
     stream,
 )
+from gptoss_mlx.prompt_store import PromptStore
 from gptoss_mlx.sampling import SamplingParams
 from gptoss_mlx.server.admission import Admission, Ticket
 from gptoss_mlx.server.errors import shutting_down
@@ -118,15 +119,17 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         current_date: str | None = None,
         max_context: int | None = None,
+        prompt_store: PromptStore | None = None,
     ):
-        """`cache_slots` prompt caches are kept between requests; up to `max_concurrent`
+        """`cache_slots` prompt caches are kept between requests (and long instruction
+        prefixes in `prompt_store` on disk); up to `max_concurrent`
         generations run at once (each with its own KV cache: plan the memory for it), up to
         `max_queue` requests wait for one, each at most `queue_timeout` seconds."""
         self.model = model
         self.max_context = max_context
         self.tokenizer = tokenizer
         self.renderer = HarmonyRenderer(tokenizer)
-        self.caches = PromptCachePool(model, cache_slots)
+        self.caches = PromptCachePool(model, cache_slots, prompt_store)
         self.admission = Admission(max_concurrent, max_queue, queue_timeout)
         self.prefill_chunk = prefill_chunk
         # One date for the server's lifetime keeps rendered system prompts, and so the cached
