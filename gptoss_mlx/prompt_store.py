@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten
 
 from gptoss_mlx.chat.tokenizer import CHANNEL, MESSAGE, START, Tokenizer
 from gptoss_mlx.generate import PromptCache, common_prefix
-from gptoss_mlx.model.cache import SlidingKVCache
+from gptoss_mlx.model.cache import SlidingKVCache, trimmable
 
 FORMAT = "gptoss-mlx-prompt-cache/1"
 SUFFIX = ".safetensors"
@@ -75,8 +75,8 @@ def instructions_length(prompt: Sequence[int], tokenizer: Tokenizer) -> int:
     for i, token in enumerate(prompt):
         if token != START:
             continue
-        rest = prompt[i + 1:]
-        if not any(rest[:len(r)] == r and rest[len(r):len(r) + 1] in ([MESSAGE], [CHANNEL])
+        header = list(prompt[i + 1:i + 2 + max(map(len, roles))])
+        if not any(header[:len(r)] == r and header[len(r):len(r) + 1] in ([MESSAGE], [CHANNEL])
                    for r in roles):
             return i
     return len(prompt)
@@ -120,14 +120,16 @@ class PromptStore:
 
     def prepare(self, cache: PromptCache, prompt: Sequence[int]) -> int:
         """Before `prompt` is prefilled into `cache`: when its instructions prefix is long enough
-        and `cache` does not hold it yet, restore it from disk, or else have prefill save it when
-        it gets there. Returns the tokens restored (0: none)."""
+        and `cache` cannot reuse it (does not hold it, or its sliding layers cannot go back to
+        it), restore it from disk, or else have prefill save it when it gets there. Returns the
+        tokens restored (0: none)."""
         cache.checkpoint = None
         n = instructions_length(prompt, self.tokenizer)
         if n < self.min_tokens or n >= len(prompt):
             return 0
-        if common_prefix(cache.tokens, prompt) >= n:
-            return 0
+        keep = min(common_prefix(cache.tokens, prompt), len(prompt) - 1)
+        if keep >= n and trimmable(cache.layers) >= len(cache.tokens) - keep:
+            return 0  # the cache holds the prefix and can go back to it
         prefix = list(prompt[:n])
         if self.restore(cache, prefix):
             return n

@@ -18,7 +18,8 @@ from serving import running
 
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.tokenizer import Tokenizer
-from gptoss_mlx.generate import PromptCache, prefill
+from gptoss_mlx.generate import PromptCache, common_prefix, prefill
+from gptoss_mlx.model.cache import trimmable
 from gptoss_mlx.prompt_store import PromptStore, instructions_length, model_identity
 
 OPTIONS = SystemOptions(current_date="2025-08-05")
@@ -138,6 +139,27 @@ def test_restored_prefix_matches_a_fresh_run(loaded, identity, tmp_path: Path) -
     got = model(tail, cache=restored.layers)
     want = model(tail, cache=plain.layers)
     assert mx.abs(got - want).max().item() < 1e-5
+
+
+def test_slot_that_cannot_go_back_gets_the_prefix_from_disk(loaded, identity,
+                                                            tmp_path: Path) -> None:
+    model, tok = loaded
+    small = NoSlack(model)
+    first = chat_prompt(tok, words(80), words(60, "question"))  # a user turn past the window
+    second = chat_prompt(tok, words(80), "short")
+    n = instructions_length(second, tok)
+    store = PromptStore(tmp_path, identity, tok, min_tokens=64)
+    cache = PromptCache(small)
+    store.prepare(cache, first)
+    prefill(small, cache, first)
+    store.flush()
+    assert common_prefix(cache.tokens, second) >= n
+    assert trimmable(cache.layers) < len(cache.tokens) - n  # reuse alone would start over
+    assert store.prepare(cache, second) == n
+    logits, reused = prefill(small, cache, second)
+    assert reused == n
+    fresh = model(mx.array([second]), last_only=True)[:, -1, :]
+    assert mx.abs(logits - fresh).max().item() < 1e-5
 
 
 # -- a restarted server reports the 5,000-token prefix as cached and prefills only the rest ---
