@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from gptoss_mlx.chat.tokenizer import CHANNEL, MESSAGE, START, Tokenizer
+from gptoss_mlx.convert.safetensors_io import TensorSpec, write_file
 from gptoss_mlx.generate import PromptCache, common_prefix
 from gptoss_mlx.model.cache import SlidingKVCache, trimmable
 
@@ -86,7 +88,21 @@ def _prefix_hash(tokens: Sequence[int]) -> str:
     return hashlib.sha256(struct.pack(f"<{len(tokens)}I", *tokens)).hexdigest()
 
 
-def _digest(arrays: dict[str, mx.array]) -> str:
+# MLX dtype -> (safetensors dtype code, the MLX dtype numpy holds the same bytes as)
+_CODES = {mx.bfloat16: ("BF16", mx.uint16), mx.float16: ("F16", mx.float16),
+          mx.float32: ("F32", mx.float32), mx.int32: ("I32", mx.int32)}
+
+
+def _host(a: mx.array) -> tuple[str, np.ndarray]:
+    """(safetensors dtype code, a numpy copy of the bytes) of an MLX array."""
+    if a.dtype not in _CODES:
+        raise ValueError(f"cannot store {a.dtype} caches")
+    code, same_bytes = _CODES[a.dtype]
+    return code, np.array(a.view(same_bytes), copy=True)
+
+
+def _digest(arrays: dict[str, Any]) -> str:
+    """sha256 over the names and bytes of MLX or numpy arrays."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         h.update(name.encode() + b"\0")
@@ -166,7 +182,7 @@ class PromptStore:
         with self._lock:
             if path.name in self._pending or path.exists():
                 return
-        arrays: dict[str, mx.array] = {"tokens": mx.array(tokens, dtype=mx.int32)}
+        arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
         states = []
         for i, layer in enumerate(cache.layers):
             if layer.keys is None or layer.offset != len(tokens):
@@ -175,15 +191,17 @@ class PromptStore:
             arrays[f"layers.{i}.keys"] = mx.contiguous(layer.keys[..., :held, :])
             arrays[f"layers.{i}.values"] = mx.contiguous(layer.values[..., :held, :])
             states.append(_state(layer))
-        mx.eval(list(arrays.values()))
-        size = sum(a.nbytes for a in arrays.values())
+        # numpy copies made here: the writer thread then needs no MLX call (the worker thread
+        # is MLX's only user)
+        host = {name: _host(a) for name, a in arrays.items()}
+        size = sum(a.nbytes for _, a in host.values())
         if size > self.max_bytes:
             log.info("prompt cache: %d tokens (%d bytes) exceed the %d-byte budget; not stored",
                      len(tokens), size, self.max_bytes)
             return
         metadata = {"format": FORMAT, "model": self.identity, "tokens": str(len(tokens)),
                     "prefix": _prefix_hash(tokens), "layers": json.dumps(states)}
-        writer = threading.Thread(target=self._write, args=(path, arrays, metadata, size),
+        writer = threading.Thread(target=self._write, args=(path, host, metadata, size),
                                   name="gptoss-prompt-store")  # not a daemon: exit waits for it
         with self._lock:
             self._pending[path.name] = writer
@@ -209,20 +227,20 @@ class PromptStore:
                 continue
         return [p for _, p in sorted(found)]
 
-    def _write(self, path: Path, arrays: dict[str, mx.array], metadata: dict[str, str],
-               size: int) -> None:
+    def _write(self, path: Path, arrays: dict[str, tuple[str, np.ndarray]],
+               metadata: dict[str, str], size: int) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            metadata["digest"] = _digest(arrays)
+            metadata["digest"] = _digest({name: a for name, (_, a) in arrays.items()})
             self._evict(room=size)
-            with open(tmp, "wb") as f:
-                mx.save_safetensors(f, arrays, metadata=metadata)
-                f.flush()
+            specs = [TensorSpec(name, code, a.shape) for name, (code, a) in arrays.items()]
+            write_file(tmp, specs, lambda spec: arrays[spec.name][1], metadata)
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             self._evict(room=0)
             log.info("prompt cache: %s tokens stored in %s", metadata["tokens"], path)
-        except (OSError, RuntimeError, ValueError) as exc:  # a full disk, a permission
+        except (OSError, ValueError) as exc:  # a full disk, a permission
             log.warning("prompt cache: could not write %s: %s", path, exc)
         finally:
             tmp.unlink(missing_ok=True)

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import openai
 import openai_harmony as oh
 import pytest
 from serving import running
 
+from gptoss_mlx import prompt_store
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import PromptCache, common_prefix, prefill
@@ -139,6 +141,15 @@ def test_restored_prefix_matches_a_fresh_run(loaded, identity, tmp_path: Path) -
     got = model(tail, cache=restored.layers)
     want = model(tail, cache=plain.layers)
     assert mx.abs(got - want).max().item() < 1e-5
+    # the file, read by the safetensors package: the prefix, and a full layer's keys
+    from safetensors import safe_open
+
+    with safe_open(str(reader.path(second[:n])), "pt") as f:
+        assert f.get_tensor("tokens").tolist() == second[:n]
+        assert f.metadata()["tokens"] == str(n)
+        stored_keys = f.get_tensor("layers.1.keys").numpy()
+    assert not hasattr(plain.layers[1], "window")  # layer 1 attends to everything
+    assert np.allclose(stored_keys, np.array(plain.layers[1].keys[..., :n, :]), atol=1e-6)
 
 
 def test_slot_that_cannot_go_back_gets_the_prefix_from_disk(loaded, identity,
@@ -292,11 +303,11 @@ def test_concurrent_and_failed_writes_leave_only_whole_files(
     assert PromptStore(tmp_path, identity, tok, min_tokens=64).prepare(
         PromptCache(model), prompt) == len(held.tokens)
 
-    def dies_half_way(file: Any, arrays: dict[str, mx.array], metadata: Any = None) -> None:
-        file.write(b"\0" * 1000)  # the start of a file the disk could not hold
+    def dies_half_way(path: Path, *args: Any, **kw: Any) -> None:
+        path.write_bytes(b"\0" * 1000)  # the start of a file the disk could not hold
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mx, "save_safetensors", dies_half_way)
+    monkeypatch.setattr(prompt_store, "write_file", dies_half_way)
     failing = PromptStore(tmp_path / "failing", identity, tok, min_tokens=64)
     failing.save(held)
     failing.flush()
