@@ -338,3 +338,16 @@ def test_chat_session_reads_the_header_back(loaded, identity, tmp_path: Path) ->
     assert second.stats.cached_tokens == header > 80
     assert json.loads(mx.load(str(next(tmp_path.glob("*.safetensors"))),
                               return_metadata=True)[1]["tokens"]) == header
+
+
+def test_unusable_folder_is_one_clear_error(loaded, tmp_path: Path) -> None:
+    import click
+
+    from gptoss_mlx.cli.prompt_cache import open_prompt_store
+
+    model, tok = loaded
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(click.ClickException, match=f"--prompt-cache-dir {blocker}/sub: cannot"):
+        open_prompt_store(blocker / "sub", 2**30, model, tok)
+    assert open_prompt_store(None, 2**30, model, tok) is None

@@ -42,7 +42,8 @@ def open_prompt_store(folder: Path | None, max_bytes: int, model: Any, tokenizer
     from gptoss_mlx.prompt_store import PromptStore, model_identity
 
     try:
-        return PromptStore(folder, model_identity(model), tokenizer, max_bytes=max_bytes)
+        return PromptStore(folder.expanduser(), model_identity(model), tokenizer,
+                           max_bytes=max_bytes)
     except OSError as exc:
         raise click.ClickException(f"--prompt-cache-dir {folder}: cannot use it: "
                                    f"{exc.strerror or exc}") from None
