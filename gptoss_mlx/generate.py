@@ -68,6 +68,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+# (n, f): the next prefill calls f(cache) once the cache holds the prompt's first n tokens
+Checkpoint = tuple[int, Callable[["PromptCache"], None]]
+
+
 class PromptCache:
     """A model's per-layer KV caches together with the exact token ids they hold."""
 
@@ -75,6 +79,7 @@ class PromptCache:
         self.model = model
         self.layers: list[Any] = model.make_cache()
         self.tokens: list[int] = []
+        self.checkpoint: Checkpoint | None = None  # see `prefill_chunks` (the prompt store sets it)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -184,12 +189,17 @@ def prefill_chunks(
     `PromptCache.reuse`), `chunk` tokens per step; yield the last logits [1, V] after each."""
     if not prompt:
         raise ValueError("the prompt is empty")
-    for start in range(len(cache.tokens), len(prompt), chunk):
-        piece = list(prompt[start : start + chunk])
+    reused = len(cache.tokens)
+    checkpoint, cache.checkpoint = cache.checkpoint, None
+    split = checkpoint[0] if checkpoint and reused < checkpoint[0] < len(prompt) else None
+    for start, end in _chunks(reused, len(prompt), chunk, split):
+        piece = list(prompt[start:end])
         with mx.stream(STREAM):
             logits = model(mx.array([piece], dtype=mx.int32), cache=cache.layers, last_only=True)
         mx.eval(logits, [layer.state for layer in cache.layers])
         cache.tokens += piece
+        if end == split and checkpoint is not None:
+            checkpoint[1](cache)
         yield logits[:, -1, :]
 
 
@@ -214,6 +224,14 @@ def prefill(
             progress(len(cache.tokens), len(prompt))
     assert last is not None
     return last, reused
+
+
+def _chunks(start: int, stop: int, chunk: int, split: int | None) -> Iterator[tuple[int, int]]:
+    """(start, end) pieces of [start, stop) of at most `chunk` tokens, one ending at `split`."""
+    edges = [start, *([split] if split is not None else []), stop]
+    for a, b in zip(edges, edges[1:], strict=False):
+        for s in range(a, b, chunk):
+            yield s, min(s + chunk, b)
 
 
 def stream(

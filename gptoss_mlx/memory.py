@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs

@@ -2,8 +2,10 @@
 
 Every message is rendered once, when it joins the history; a turn's prompt is the concatenation
 of the kept pieces, so it extends the previous turn's tokens and only the new part is prefilled
-(`PromptCache` trims to the common prefix). When a turn ends in a final answer its reasoning is
-dropped from the history, as harmony asks; the cache then rewinds to where the reasoning began.
+(`PromptCache` trims to the common prefix); with a `PromptStore`, long system and developer
+messages come from disk when an earlier session stored them. When a turn ends in a final answer
+its reasoning is dropped from the history, as harmony asks; the cache then rewinds to where the
+reasoning began.
 The current date is pinned when the session starts.
 """
 
@@ -18,6 +20,7 @@ from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions, drop_past_re
 from gptoss_mlx.chat.messages import Message
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import Done, Progress, PromptCache, TokenEvent, stream
+from gptoss_mlx.prompt_store import PromptStore
 from gptoss_mlx.sampling import SamplingParams
 
 
@@ -32,9 +35,11 @@ class ChatSession:
         instructions: str | None = None,
         options: SystemOptions | None = None,
         max_context: int | None = None,
+        store: PromptStore | None = None,
     ):
         """`options` default to medium effort; a missing current date is pinned to today.
-        `max_context` caps prompt + answer below the model's context."""
+        `max_context` caps prompt + answer below the model's context; `store` keeps long
+        system + developer prefixes on disk across sessions."""
         self.model = model
         self.tokenizer = tokenizer
         self.renderer = HarmonyRenderer(tokenizer)
@@ -43,6 +48,7 @@ class ChatSession:
         self.options = replace(options, current_date=options.current_date or today())
         self.instructions = instructions
         self.max_context = max_context
+        self.store = store
         self._history: list[tuple[Message, list[int]]] = []
         self._header = self._render_header()
 
@@ -94,10 +100,13 @@ class ChatSession:
         self._append(Message("user", text))
         completed = False
         try:
+            prompt = self.prompt()
+            if self.store is not None:
+                self.store.prepare(self.cache, prompt)
             events = stream(
                 self.model,
                 self.tokenizer,
-                self.prompt(),
+                prompt,
                 cache=self.cache,
                 sampling=sampling,
                 max_tokens=max_tokens,

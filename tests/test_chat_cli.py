@@ -81,3 +81,35 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_model_dir: Path,
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_prompt_cache_dir_survives_a_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A second `chat` reads the long developer message's KV cache back from the folder; a
+    truncated file is reported, ignored and written again."""
+    developer = "Follow the rules. " * 300  # more than the 1024 tokens worth storing
+    store = tmp_path / "prompts"
+    args = ("--max-tokens", "2", "--seed", "0", "--developer", developer,
+            "--prompt-cache-dir", str(store))
+
+    def first_turn() -> tuple[int, int, str]:
+        child = spawn(tiny_model_dir, tmp_path, *args)
+        child.sendline("Hello")
+        child.expect(STATS)
+        before = child.before
+        prompt, cached = int(child.match.group(1)), int(child.match.group(2) or 0)
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        return prompt, cached, before
+
+    prompt, cached, _ = first_turn()
+    assert cached == 0
+    [path] = store.glob("*.safetensors")
+    again, cached, _ = first_turn()
+    assert again == prompt and 1024 < cached < prompt
+    path.write_bytes(path.read_bytes()[:4096])
+    _, cached, output = first_turn()
+    assert cached == 0 and f"prompt cache {path} ignored and removed" in output
+    assert path.is_file()  # stored again

@@ -16,6 +16,7 @@ from gptoss_mlx.cli.options import (
     sampling_params,
     system_options,
 )
+from gptoss_mlx.cli.prompt_cache import open_prompt_store, prompt_cache_options
 from gptoss_mlx.cli.terminal import ChannelPrinter, PrefillProgress, interruptible, utf8_text
 
 HELP = """commands:
@@ -155,6 +156,7 @@ def _turn(session: Any, text: str, printer: ChannelPrinter, opts: dict[str, Any]
 
 @click.command("chat")
 @model_options
+@prompt_cache_options
 @interruptible
 def chat_command(model_path: str, **opts: Any) -> None:
     """Chat with a gpt-oss model (the KV cache is reused across turns)."""
@@ -163,8 +165,11 @@ def chat_command(model_path: str, **opts: Any) -> None:
 
     check_instructions(opts)
     model, tokenizer = load_model(model_path, opts["max_context"])
+    store = open_prompt_store(opts["prompt_cache_dir"], opts["prompt_cache_bytes"], model,
+                              tokenizer)
     session = ChatSession(model, tokenizer, instructions=opts["developer"],
-                          options=system_options(opts), max_context=opts["max_context"])
+                          options=system_options(opts), max_context=opts["max_context"],
+                          store=store)
     header, limit = len(session.prompt()), context_limit(model, opts["max_context"])
     if header >= limit:
         raise click.ClickException(

@@ -14,19 +14,13 @@ from gptoss_mlx.cli.options import (
     max_context_option,
     model_option,
 )
-from gptoss_mlx.memory import MAX_BATCH, parse_bytes
+from gptoss_mlx.cli.prompt_cache import open_prompt_store, prompt_cache_options, size_value
+from gptoss_mlx.memory import MAX_BATCH
 
 if TYPE_CHECKING:
     from gptoss_mlx.memory import BatchPlan
 
 GRACEFUL_SHUTDOWN_SECONDS = 3
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        return parse_bytes(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -81,15 +75,17 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
               help="Requests waiting for a generation slot; more get a 429 with Retry-After.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, help="Seconds a request may wait for a slot before its 429.")
-@click.option("--max-body-size", default="16MiB", show_default=True, callback=_size,
+@click.option("--max-body-size", default="16MiB", show_default=True, callback=size_value,
               help="Largest request body (e.g. 16MiB, 4MB); larger ones get a 413 unread.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", help="uvicorn's log level.")
 @max_context_option
+@prompt_cache_options
 def serve_command(model_path: str, host: str, port: int, api_key: str | None,
                   model_id: str | None, cache_slots: int, max_batch: int | None,
                   max_queue: int, queue_timeout: float, max_body_size: int, log_level: str,
-                  max_context: int | None) -> None:
+                  max_context: int | None, prompt_cache_dir: Path | None,
+                  prompt_cache_bytes: int) -> None:
     """Serve a model over an OpenAI-compatible HTTP API for coding assistants.
 
     SIGTERM or Ctrl-C ends the running generations (each stream gets its last event) and exits
@@ -108,16 +104,19 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
                    "address can use the model", err=True)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-    server_log = logging.getLogger("gptoss_mlx.server")
-    server_log.addHandler(handler)
-    server_log.setLevel(log_level.upper())
+    for name in ("gptoss_mlx.server", "gptoss_mlx.prompt_store"):
+        server_log = logging.getLogger(name)
+        server_log.addHandler(handler)
+        server_log.setLevel(log_level.upper())
     model_dir = check_model(model_path, max_context)
     batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch)
     click.echo(batch.summary(), err=True)
     model, tokenizer = load_checked_model(model_dir)
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
+    store = open_prompt_store(prompt_cache_dir, prompt_cache_bytes, model, tokenizer)
     engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=batch.batch,
-                    max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context)
+                    max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context,
+                    prompt_store=store)
     app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size)
     config = uvicorn.Config(app, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)

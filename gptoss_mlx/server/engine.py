@@ -40,6 +40,7 @@ from gptoss_mlx.generate import (
     TokenEvent,
     context_limit,
 )
+from gptoss_mlx.prompt_store import PromptStore
 from gptoss_mlx.sampling import SamplingParams
 from gptoss_mlx.scheduler import BatchGenerator, Event, Generation
 from gptoss_mlx.server.admission import Admission, Ticket
@@ -119,16 +120,18 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         current_date: str | None = None,
         max_context: int | None = None,
+        prompt_store: PromptStore | None = None,
     ):
-        """`cache_slots` prompt caches are kept between requests; up to `max_batch`
-        generations run at once, decoding as one batch (each with its own KV cache: plan the
-        memory for it), up to `max_queue` requests wait for a place, each at most
-        `queue_timeout` seconds; prompts are prefilled `prefill_chunk` tokens per step."""
+        """`cache_slots` prompt caches are kept between requests (and long instruction
+        prefixes in `prompt_store` on disk); up to `max_batch` generations run at once,
+        decoding as one batch (each with its own KV cache: plan the memory for it), up to
+        `max_queue` requests wait for a place, each at most `queue_timeout` seconds; prompts are
+        prefilled `prefill_chunk` tokens per step."""
         self.model = model
         self.max_context = max_context
         self.tokenizer = tokenizer
         self.renderer = HarmonyRenderer(tokenizer)
-        self.caches = PromptCachePool(model, cache_slots)
+        self.caches = PromptCachePool(model, cache_slots, prompt_store)
         self.admission = Admission(max_batch, max_queue, queue_timeout)
         self.prefill_chunk = prefill_chunk
         # One date for the server's lifetime keeps rendered system prompts, and so the cached
