@@ -1,11 +1,27 @@
 """The `gptoss-mlx` command: a click group with one module per subcommand in this package."""
 
+from typing import Any
+
 import click
 
 from gptoss_mlx import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """The command group; under `mlx.launch`, a lost rank ends this one with one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RuntimeError as e:
+            from gptoss_mlx.distributed import exit_if_peer_lost
+
+            exit_if_peer_lost(e)
+            raise
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="gptoss-mlx")
 def main() -> None:
     """Run OpenAI's gpt-oss models on Apple Silicon through MLX."""

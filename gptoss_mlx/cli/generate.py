@@ -161,7 +161,11 @@ def system_options(opts: dict[str, Any]) -> Any:
 def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
     """Check the memory plan at `max_context` (setting Metal's wired limit), then load a model
     (a converted folder, a released checkpoint folder, or a Hugging Face repo id, downloaded
-    once into the hub cache) and its tokenizer; fail with one clear line."""
+    once into the hub cache) and its tokenizer; fail with one clear line.
+
+    Under `mlx.launch` every rank joins the group first; rank 0 gets the model wrapped as the
+    leader (`gptoss_mlx.distributed`), the other ranks follow it here until it ends, then exit."""
+    from gptoss_mlx import distributed
     from gptoss_mlx.chat.tokenizer import TOKENIZER_JSON, VOCAB_FILENAME
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
     from gptoss_mlx.model.weights import ModelLoadError, open_weights
@@ -177,12 +181,15 @@ def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, To
             f"{path} has no {VOCAB_FILENAME} (nor a {TOKENIZER_JSON} to derive it from); copy "
             f"{VOCAB_FILENAME} into it, or convert again with --vocab PATH"
         )
+    ranks = join_ranks()
     try:
-        ensure_fits(path, max_context)
+        plan = ensure_fits(path, max_context)
     except MemoryPlanError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot read {path}: {e}") from None
+    if ranks > 1 and not distributed.is_follower():
+        click.echo(f"{ranks} ranks; per rank, {plan.summary()}", err=True)
     from gptoss_mlx import load
 
     if sys.stderr.isatty():
@@ -193,7 +200,18 @@ def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, To
         raise click.ClickException(f"cannot load {path}: {e}") from None
     if tokenizer is None:
         raise click.ClickException(f"{path}: no tokenizer could be loaded")
-    return model, tokenizer
+    return distributed.distribute(model), tokenizer
+
+
+def join_ranks() -> int:
+    """Join the other ranks when `mlx.launch` (or mpirun) started this process; the number of
+    ranks (1: a single process). Followers never come back from `load_model`."""
+    from gptoss_mlx import distributed
+
+    try:
+        return distributed.setup()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _color(stream: TextIO) -> bool:

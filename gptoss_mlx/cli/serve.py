@@ -101,11 +101,13 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
 
     import uvicorn
 
-    from gptoss_mlx.cli.generate import load_model
+    from gptoss_mlx import distributed
+    from gptoss_mlx.cli.generate import join_ranks, load_model
     from gptoss_mlx.server.app import create_app, default_model_id
     from gptoss_mlx.server.engine import Engine
 
-    sock = bind(host, port)
+    join_ranks()
+    sock = None if distributed.is_follower() else bind(host, port)  # followers: no port
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key; anyone who can reach this "
                    "address can use the model", err=True)
@@ -116,6 +118,7 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
     server_log.setLevel(log_level.upper())
     concurrent = plan_concurrency(model_path, max_context, cache_slots, max_concurrent)
     model, tokenizer = load_model(model_path, max_context)
+    assert sock is not None  # only rank 0 gets here
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
     engine = Engine(model, tokenizer, cache_slots=cache_slots, max_concurrent=concurrent,
                     max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context)
@@ -124,6 +127,7 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     click.echo(f"serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", err=True)
     _server(config, engine).run(sockets=[sock])
+    engine.stop()  # the worker's last model call ends before rank 0 lets other ranks go
 
 
 def _server(config: Any, engine: Any) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.harmony import HarmonyRenderer, today
 from gptoss_mlx.chat.tokenizer import Tokenizer
+from gptoss_mlx.distributed import exit_if_peer_lost
 from gptoss_mlx.generate import (
     DEFAULT_PREFILL_CHUNK,
     Done,
@@ -255,6 +256,7 @@ class Engine:
             self._finish(run)
             return False
         except Exception as exc:  # reported to the request; the worker keeps serving
+            exit_if_peer_lost(exc)  # ... unless another rank of a distributed run is gone
             log.exception("generation failed")
             run.job.emit(exc)
             self._finish(run)
