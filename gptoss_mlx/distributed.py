@@ -62,6 +62,7 @@ _PEER_ERRORS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]", "[distributed]")
 class _State:
     group: Any = None  # the mx.distributed group when more than one rank runs
     liveness: Liveness | None = None
+    leader: Leader | None = None  # rank 0's model until `finish`
 
 
 _state = _State()
@@ -337,16 +338,22 @@ def lead(model: Any) -> Leader:
     """Rank 0's side of `follow`: the model wrapped, and the followers told to exit when this
     process ends normally (a failure ends them through the lost connection instead)."""
     leader = Leader(model)
-
-    def goodbye() -> None:
-        try:
-            leader.finish(0)
-        except RuntimeError:
-            pass  # they are gone already
-        _say_goodbye()
-
-    atexit.register(goodbye)
+    _state.leader = leader
+    atexit.register(finish)
     return leader
+
+
+def finish() -> None:
+    """On rank 0: let the other ranks exit (status 0) and drop the links; call once the last
+    model call is over (also runs at exit; later calls do nothing)."""
+    leader, _state.leader = _state.leader, None
+    if leader is None:
+        return
+    try:
+        leader.finish(0)
+    except RuntimeError:
+        pass  # they are gone already
+    _say_goodbye()
 
 
 def _say_goodbye() -> None:

@@ -127,7 +127,6 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     click.echo(f"serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", err=True)
     _server(config, engine).run(sockets=[sock])
-    engine.stop()  # the worker's last model call ends before rank 0 lets other ranks go
 
 
 def _server(config: Any, engine: Any) -> Any:
@@ -143,4 +142,13 @@ def _server(config: Any, engine: Any) -> Any:
         uvicorn_exit(sig, frame)
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
+    uvicorn_shutdown = server.shutdown
+
+    async def shutdown(sockets: Any = None) -> None:
+        await uvicorn_shutdown(sockets)  # the lifespan stops the engine: no model call after
+        from gptoss_mlx.distributed import finish
+
+        finish()  # other ranks exit before uvicorn re-raises the signal that ended it
+
+    server.shutdown = shutdown  # type: ignore[method-assign]
     return server

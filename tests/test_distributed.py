@@ -1,0 +1,157 @@
+"""One model on two ranks through `mx.distributed` (the ring backend over loopback), run as a user
+would: `mlx.launch -n 2 -- gptoss-mlx ...`, or the two ranks started by hand with the environment
+`mlx.launch` gives them, so each rank's exit status and timing can be checked.
+
+The oracle for what the two ranks print is the single process on the same model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from serving import HOST, free_port
+
+LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+GPTOSS = [sys.executable, "-m", "gptoss_mlx"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`mlx.launch -n 2 --backend ring -- gptoss-mlx ARGS` on this machine."""
+    return subprocess.run([*LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port()), "--",
+                           *GPTOSS, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def by_hand(*args: str, ranks: tuple[int, ...] = (0, 1), **env: str) -> list[subprocess.Popen]:
+    """The ranks started as `mlx.launch` starts them (MLX_RANK, a ring hostfile), each its own
+    process with its own exit status."""
+    hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"gptoss-ring-{os.getpid()}.json"
+    hostfile.write_text(json.dumps([[f"{HOST}:{free_port()}"], [f"{HOST}:{free_port()}"]]))
+    return [subprocess.Popen([*GPTOSS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**ENV, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), **env})
+            for r in ranks]
+
+
+def test_generate_on_two_ranks_prints_the_single_process_text(tiny_model_dir: Path) -> None:
+    args = ("generate", "-m", str(tiny_model_dir), "-p", "Name three rivers.", "--raw",
+            "--temperature", "0", "--max-tokens", "24")
+    single = subprocess.run([*GPTOSS, *args], capture_output=True, text=True, timeout=120,
+                            env=ENV)
+    assert single.returncode == 0, single.stderr
+    two = launch(*args)
+    assert two.returncode == 0, two.stderr
+    assert "[WARN]" not in two.stderr, two.stderr  # mlx.launch warns of a rank exiting non-zero
+    assert two.stdout == single.stdout  # once: the follower prints nothing
+    assert two.stdout.count("<|start|>assistant") == single.stdout.count("<|start|>assistant")
+    assert "2 ranks; per rank, memory plan" in two.stderr
+    assert two.stderr.count("prompt: ") == 1  # stats from rank 0 only
+
+
+@pytest.fixture()
+def two_rank_server(tiny_model_dir: Path) -> Iterator[int]:
+    """`serve` under `mlx.launch -n 2`; yields rank 0's port."""
+    port = free_port()
+    proc = subprocess.Popen([*LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port()),
+                             "--", *GPTOSS, "serve", "-m", str(tiny_model_dir), "--port",
+                             str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)  # a group of its own, as on a terminal
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the two-rank server did not start"
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5):
+                break
+        except OSError:
+            time.sleep(0.3)
+    try:
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        _, err = proc.communicate(timeout=60)
+        assert "rank 1" not in err, err  # the follower exited cleanly when rank 0 let it go
+        with pytest.raises(ProcessLookupError):  # and no rank is left behind
+            os.killpg(proc.pid, 0)
+
+
+def test_serve_on_two_ranks_answers_the_official_client(
+    tiny_model_dir: Path, two_rank_server: int
+) -> None:
+    from openai import OpenAI
+    from serving import running
+
+    from gptoss_mlx import load
+    from gptoss_mlx.server.app import create_app
+    from gptoss_mlx.server.engine import Engine
+
+    def answers(port: int) -> list[tuple[dict, int]]:
+        client = OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="unused", max_retries=0)
+
+        def ask(topic: str) -> tuple[dict, int]:
+            r = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Tell me about {topic}."}],
+                temperature=0, max_tokens=12)
+            details = r.usage.prompt_tokens_details if r.usage else None
+            return ({"message": r.choices[0].message.model_dump(),
+                     "finish": r.choices[0].finish_reason},
+                    details.cached_tokens or 0 if details else 0)
+
+        first = [ask("rivers"), ask("rivers")]  # the second reuses the first's prompt cache
+        with ThreadPoolExecutor(2) as pool:  # two generations at once, each with its own cache
+            both = list(pool.map(ask, ["lakes", "seas"]))
+        return first + both
+
+    got = answers(two_rank_server)
+    model, tokenizer = load(tiny_model_dir)
+    with running(create_app(Engine(model, tokenizer), "tiny")) as port:
+        want = answers(port)
+    assert [answer for answer, _ in got] == [answer for answer, _ in want]
+    assert got[1][1] > 0  # cached tokens: the prompt cache works across ranks
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killing_one_rank_mid_generation_ends_the_other_with_one_error(
+    tiny_model_dir: Path, victim: int
+) -> None:
+    ranks = by_hand("generate", "-m", str(tiny_model_dir), "-p", "Count to a million.", "--raw",
+                    "--temperature", "1", "--seed", "0")
+    try:
+        assert ranks[0].stdout is not None
+        assert ranks[0].stdout.read(1), ranks[0].communicate()[1]  # generating
+        ranks[victim].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        survivor = ranks[1 - victim]
+        _, err = survivor.communicate(timeout=30)
+        took = time.monotonic() - killed
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert survivor.returncode == 1
+    assert took < 10, f"the survivor took {took:.1f} s to exit"
+    lines = err.decode().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [f"error: rank {1 - victim} of 2: rank {victim} is gone (it exited); "
+                      "ending every rank"], err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_a_rank_that_cannot_connect_gives_up_with_one_error(tiny_model_dir: Path) -> None:
+    (alone,) = by_hand("generate", "-m", str(tiny_model_dir), "-p", "Hi", ranks=(1,),
+                       GPTOSS_MLX_CONNECT_TIMEOUT="2")
+    _, err = alone.communicate(timeout=60)
+    assert alone.returncode != 0
+    assert err.decode().strip().splitlines()[-1] == (
+        "error: rank 1: could not connect to the other ranks within 2 s (backend ring); is "
+        "every rank started, and the hostfile right? ($GPTOSS_MLX_CONNECT_TIMEOUT)")
