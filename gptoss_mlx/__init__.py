@@ -19,14 +19,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 def load(path: str | os.PathLike[str], dtype: str = "bfloat16",
          experts: str | Callable[..., Any] = "auto",
-         progress: bool = False) -> tuple[GptOss, Tokenizer | None]:
+         progress: bool = False, group: Any = None) -> tuple[GptOss, Tokenizer | None]:
     """`(model, tokenizer)` from a converted MLX folder, a released checkpoint folder (root
     layout or original/) or a Hugging Face repo id (see gptoss_mlx.model.loader.load).
 
     `dtype`: "bfloat16" | "float16" | "float32"; `experts`: "auto" | "mlx" | "metal" or a
     callable with `gptoss_mlx.model.experts.moe`'s signature; `progress`: a loading bar on
-    stderr. The tokenizer is None when the folder holds no vocabulary.
+    stderr. The tokenizer is None when the folder holds no vocabulary. `group`: an
+    `mx.distributed` group (`mx.distributed.init()` under `mlx.launch`) over which the model is
+    split; each rank loads only its share, and all ranks compute the same logits together.
     """
     from gptoss_mlx.model.loader import load as _load
 
-    return _load(path, dtype=dtype, experts=experts, progress=progress)
+    return _load(path, dtype=dtype, experts=experts, progress=progress, group=group)

@@ -10,6 +10,10 @@ Weights come from the safetensors headers (no tensor is read). The KV cache foll
 sliding layers keep `window + DEFAULT_SLACK + COMPACT_STEP` positions. Working buffers are the
 largest prefill chunk's activations (one layer at a time) plus the last-position logits.
 On a Mac the budget is Metal's `max_recommended_working_set_size`; on Linux/CPU no limit applies.
+
+`plan_per_rank(cfg, specs, ranks)` plans one model split across `ranks` machines (see
+`gptoss_mlx.model.sharding`): one plan per rank, with that rank's weights, its KV heads' cache
+and buffers.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
 from gptoss_mlx.convert.safetensors_io import TensorSpec
 from gptoss_mlx.convert.source import ConvertError
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
+from gptoss_mlx.model.sharding import Shard, check_shardable, intermediate_range, shard_specs
 from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
@@ -118,7 +123,8 @@ class MemoryPlan:
     buffers: dict[str, int]
     prefill_chunk: int
     fused_attention: bool
-    specs: tuple[TensorSpec, ...] = field(repr=False, default=())
+    specs: tuple[TensorSpec, ...] = field(repr=False, default=())  # the whole model's
+    shard: Shard | None = None  # the rank planned, when the model is split
 
     @property
     def weights_total(self) -> int:
@@ -136,13 +142,13 @@ class MemoryPlan:
         """The same model and settings at another context."""
         return plan_from_specs(self.config, list(self.specs), max_context, dtype=self.dtype,
                                prefill_chunk=self.prefill_chunk,
-                               fused_attention=self.fused_attention)
+                               fused_attention=self.fused_attention, shard=self.shard)
 
     def with_dense_bits(self, bits: int) -> MemoryPlan:
         """The plan for this folder converted with `--dense-bits bits` (same context)."""
         return plan_from_specs(self.config, dense_bits_specs(self.specs, bits), self.max_context,
                                dtype=self.dtype, prefill_chunk=self.prefill_chunk,
-                               fused_attention=self.fused_attention)
+                               fused_attention=self.fused_attention, shard=self.shard)
 
     def largest_context(self, budget: int) -> int:
         """The largest context (a multiple of GROW_STEP, or 0) whose plan fits `budget`."""
@@ -169,8 +175,9 @@ class MemoryPlan:
 
     def summary(self) -> str:
         """One line: the total and its three parts."""
+        who = f" (rank {self.shard.rank} of {self.shard.size})" if self.shard else ""
         return (
-            f"memory plan: {gb(self.total)} at a {self.max_context}-token context "
+            f"memory plan{who}: {gb(self.total)} at a {self.max_context}-token context "
             f"(weights {gb(self.weights_total)} + KV cache {gb(self.kv_cache)} + "
             f"buffers {gb(self.buffers_total)})"
         )
@@ -189,8 +196,10 @@ def plan_from_specs(
     dtype: str = "bfloat16",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     fused_attention: bool | None = None,
+    shard: Shard | None = None,
 ) -> MemoryPlan:
-    """The plan for a model whose tensors are `specs` (see `plan_memory`)."""
+    """The plan for a model whose tensors are `specs` (see `plan_memory`); with `shard`, for
+    that rank of the model split across `shard.size` ranks (`specs` are the whole model's)."""
     ctx = cfg.max_position_embeddings if max_context is None else int(max_context)
     if not 0 < ctx <= cfg.max_position_embeddings:
         raise ValueError(
@@ -199,7 +208,10 @@ def plan_from_specs(
         )
     if fused_attention is None:
         fused_attention = default_fused_attention()
-    per_tok = kv_bytes_per_token(cfg, dtype)
+    n = shard.size if shard else 1
+    if shard:
+        check_shardable(cfg, n)
+    per_tok = kv_bytes_per_token(cfg, dtype) // n  # this rank's KV heads
     full, sliding = kv_positions(cfg, ctx)
     n_sliding = sum(cfg.sliding_layers)
     n_full = cfg.num_hidden_layers - n_sliding
@@ -207,9 +219,10 @@ def plan_from_specs(
 
     t = min(prefill_chunk, ctx)
     item = _ITEMSIZE[dtype]
-    H, q = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
-    kv_dim = cfg.num_key_value_heads * cfg.head_dim
-    k, inter = cfg.num_experts_per_tok, cfg.intermediate_size
+    H, q = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim // n
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim // n
+    lo, hi = intermediate_range(cfg, shard) if shard else (0, cfg.intermediate_size)
+    k, inter = cfg.num_experts_per_tok, hi - lo
     buffers = {
         # residual stream, normed input and fp32 norm temporaries
         "prefill activations": t * H * (item * 2 + 4 * 2) + t * (2 * q + 2 * kv_dim) * item,
@@ -225,10 +238,26 @@ def plan_from_specs(
         # prefill chunk over the whole context exist at once, in fp32 and as softmax output in
         # the activation dtype, plus the boolean mask.
         buffers["attention scores (unfused)"] = (
-            t * cfg.num_attention_heads * ctx * (4 + item) + t * ctx
+            t * cfg.num_attention_heads // n * ctx * (4 + item) + t * ctx
         )
-    return MemoryPlan(cfg, ctx, dtype, weight_bytes(specs, dtype), kv, buffers, prefill_chunk,
-                      fused_attention, tuple(specs))
+    held = shard_specs(cfg, specs, shard) if shard else specs
+    return MemoryPlan(cfg, ctx, dtype, weight_bytes(held, dtype), kv, buffers, prefill_chunk,
+                      fused_attention, tuple(specs), shard)
+
+
+def plan_per_rank(
+    cfg: ModelConfig,
+    specs: list[TensorSpec],
+    ranks: int,
+    max_context: int | None = None,
+    **options: Any,
+) -> list[MemoryPlan]:
+    """One plan per rank for the model whose tensors are `specs` (a folder's: `folder_specs`)
+    split across `ranks` ranks (`gptoss_mlx.model.sharding`); `options` as `plan_from_specs`.
+    Raises `ShardingError` (a ValueError) when the model does not split that way."""
+    check_shardable(cfg, ranks)
+    return [plan_from_specs(cfg, specs, max_context, shard=Shard(r, ranks), **options)
+            for r in range(ranks)]
 
 
 def plan_memory(

@@ -6,6 +6,11 @@ grouped KV heads, YaRN RoPE (rope.py), one learned sink logit per head and a sli
 the experts (experts.py) run the released MXFP4 weights. Module and parameter names follow
 mlx-lm's gpt_oss (the Hugging Face names, experts split into gate/up/down), so a converted
 folder or an mlx-community folder loads by name.
+
+With an `mx.distributed` group of N > 1 ranks the model is one rank's share (see sharding.py):
+attention over its KV-head group, every expert over its intermediate blocks, its vocabulary rows
+of the embedding and lm_head; the forward sums across ranks after attention and after the MoE,
+and every rank returns the same, complete logits.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .cache import (
 )
 from .experts import MoeFn, QWeights, moe
 from .rope import YarnRope, attention_scale
+from .sharding import Shard, check_shardable, intermediate_range
 
 SWIGLU_ALPHA = 1.702
 
@@ -34,12 +40,13 @@ class Attention(nn.Module):
     """Grouped-query attention with biases, YaRN RoPE and per-head sinks.
 
     Loaded with separate q/k/v projections (the saved names); `fuse_qkv` then makes them one
-    matmul, and q and k rotate in one RoPE call.
+    matmul, and q and k rotate in one RoPE call. With a `shard`, only its heads (see sharding.py).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        d, h, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        n = shard.size if shard else 1
+        d, h, kv = cfg.head_dim, cfg.num_attention_heads // n, cfg.num_key_value_heads // n
         self.head_dim, self.heads, self.kv_heads = d, h, kv
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=True)
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=True)
@@ -107,6 +114,22 @@ def _concat_rows(layers: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+def _sharded_to_all(layer: nn.Module, group: mx.distributed.Group) -> nn.Module:
+    """MLX's ShardedToAllLinear (or its quantized twin) holding `layer`'s parameters, which are
+    already this rank's columns: it sums the ranks' outputs and adds the bias once."""
+    n = group.size()
+    out_dims = layer.weight.shape[0]
+    bias = "bias" in layer
+    if isinstance(layer, nn.QuantizedLinear):
+        in_dims = layer.scales.shape[1] * layer.group_size * n
+        new = nn.QuantizedShardedToAllLinear(in_dims, out_dims, bias, layer.group_size,
+                                             layer.bits, layer.mode, group)
+    else:
+        new = nn.ShardedToAllLinear(layer.weight.shape[1] * n, out_dims, bias, group)
+    new.update(layer.parameters())
+    return new
+
+
 class ExpertLinear(nn.Module):
     """One projection of every expert: MXFP4 `weight` [E, out, in/8], `scales`, `bias`."""
 
@@ -123,25 +146,30 @@ class ExpertLinear(nn.Module):
 
 
 class Experts(nn.Module):
-    """The gate, up and down projections of all experts (mlx-lm's SwitchGLU names)."""
+    """The gate, up and down projections of all experts (mlx-lm's SwitchGLU names); with a
+    `shard`, its intermediate units of each expert."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None):
         super().__init__()
-        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        lo, hi = intermediate_range(cfg, shard) if shard else (0, cfg.intermediate_size)
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, hi - lo
         self.gate_proj = ExpertLinear(e, i, h)
         self.up_proj = ExpertLinear(e, i, h)
         self.down_proj = ExpertLinear(e, h, i)
 
 
 class MoE(nn.Module):
-    """Top-k router (softmax over the chosen logits) and the experts."""
+    """Top-k router (softmax over the chosen logits) and the experts. With a `group`, this
+    rank's part of every expert: the partial outputs are summed across the ranks in float32,
+    rank 0's carrying the residual (and the down bias: the other ranks load zeros for it)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group: mx.distributed.Group | None = None):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.swiglu_limit = cfg.swiglu_limit
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=True)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, _shard(group))
+        self.group = group
 
     def __call__(self, x: mx.array, residual: mx.array, moe_fn: MoeFn) -> mx.array:
         """`residual + moe(x)` (the experts backend adds the residual)."""
@@ -154,21 +182,28 @@ class MoE(nn.Module):
         weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1).astype(mx.float32),
                              axis=-1, precise=True)
         ex = self.experts
+        res: mx.array | None = residual.reshape(x.shape)
+        group, dtype = self.group, x.dtype
+        if group is not None:
+            x = x.astype(mx.float32)
+            res = res.astype(mx.float32) if group.rank() == 0 else None
         y = moe_fn(x, indices.astype(mx.uint32), weights, ex.gate_proj.qweights,
                    ex.up_proj.qweights, ex.down_proj.qweights, self.swiglu_limit, SWIGLU_ALPHA,
-                   residual=residual.reshape(x.shape))
+                   residual=res)
+        if group is not None:
+            y = mx.distributed.all_sum(y, group=group).astype(dtype)
         return y.reshape(shape)
 
 
 class Block(nn.Module):
     """One transformer layer (pre-norm attention, then pre-norm MoE)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group: mx.distributed.Group | None = None):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, _shard(group))
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = MoE(cfg)
+        self.mlp = MoE(cfg, group)
 
     def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None, rope: YarnRope,
                  scale: float, moe_fn: MoeFn) -> mx.array:
@@ -179,21 +214,39 @@ class Block(nn.Module):
 class Body(nn.Module):
     """Embedding, layers and final norm (the Hugging Face `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group: mx.distributed.Group | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg) for _ in range(cfg.num_hidden_layers)]
+        n = group.size() if group else 1
+        self.embed_tokens = nn.Embedding(cfg.vocab_size // n, cfg.hidden_size)
+        self.layers = [Block(cfg, group) for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
-class GptOss(nn.Module):
-    """gpt-oss: `model(tokens [B, T], cache=None, last_only=False) -> logits [B, T|1, vocab]`."""
+def _shard(group: mx.distributed.Group | None) -> Shard | None:
+    return Shard(group.rank(), group.size()) if group is not None else None
 
-    def __init__(self, cfg: ModelConfig, experts: MoeFn = moe, experts_name: str = "mlx"):
+
+class GptOss(nn.Module):
+    """gpt-oss: `model(tokens [B, T], cache=None, last_only=False) -> logits [B, T|1, vocab]`.
+
+    With `group` (an `mx.distributed` group of more than one rank) this is one rank's share of
+    the model (see sharding.py); after loading its weights, `connect()` puts MLX's
+    ShardedToAllLinear in place of each o_proj. Every rank must make the same calls; each
+    returns the same logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, experts: MoeFn = moe, experts_name: str = "mlx",
+                 group: mx.distributed.Group | None = None):
         super().__init__()
+        if group is not None and group.size() == 1:
+            group = None
+        if group is not None:
+            check_shardable(cfg, group.size())
         self.config = cfg
-        self.model = Body(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.group = group
+        n = group.size() if group else 1
+        self.model = Body(cfg, group)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // n, bias=False)
         self._rope = YarnRope(cfg)
         self._scale = attention_scale(cfg)
         self._sliding = cfg.sliding_layers
@@ -203,6 +256,39 @@ class GptOss(nn.Module):
         """Fuse each layer's q/k/v projections into one matmul (after loading weights by their
         saved names); returns how many layers were fused."""
         return sum(layer.self_attn.fuse_qkv() for layer in self.model.layers)
+
+    def connect(self) -> None:
+        """Sharded model, weights loaded: each o_proj becomes MLX's ShardedToAllLinear (the
+        ranks' outputs summed, the bias added once). Nothing to do without a group."""
+        if self.group is None:
+            return
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if not isinstance(attn.o_proj, (nn.ShardedToAllLinear,
+                                            nn.QuantizedShardedToAllLinear)):
+                attn.o_proj = _sharded_to_all(attn.o_proj, self.group)
+
+    def _embed(self, tokens: mx.array) -> mx.array:
+        """Embedding rows; sharded: each rank looks up the tokens in its vocabulary rows, zeros
+        elsewhere, and the ranks' rows are summed."""
+        if self.group is None:
+            return self.model.embed_tokens(tokens)
+        rows = self.config.vocab_size // self.group.size()
+        local = tokens - self.group.rank() * rows
+        inside = (local >= 0) & (local < rows)
+        x = self.model.embed_tokens(mx.where(inside, local, 0))
+        x = mx.where(mx.expand_dims(inside, -1), x, mx.zeros((), dtype=x.dtype))
+        return mx.distributed.all_sum(x, group=self.group)
+
+    def _logits(self, x: mx.array) -> mx.array:
+        """lm_head; sharded: each rank's vocabulary rows, gathered in rank order."""
+        y = self.lm_head(x)
+        if self.group is None:
+            return y
+        *lead, rows = y.shape
+        n = self.group.size()
+        y = mx.distributed.all_gather(y.reshape(-1, rows), group=self.group)
+        return y.reshape(n, -1, rows).transpose(1, 0, 2).reshape(*lead, n * rows)
 
     def set_experts(self, fn: MoeFn, name: str = "custom") -> None:
         """Run the experts with `fn` (a function with `experts.moe`'s signature)."""
@@ -235,7 +321,7 @@ class GptOss(nn.Module):
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
         if cache is not None and len(cache) != len(self.model.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.model.layers)}")
-        x = self.model.embed_tokens(tokens)
+        x = self._embed(tokens)
         full_mask, slide_mask = self._masks(tokens.shape[1], cache)
         for i, layer in enumerate(self.model.layers):
             mask = slide_mask if self._sliding[i] else full_mask
@@ -243,4 +329,4 @@ class GptOss(nn.Module):
                       self._moe_fn)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(self.model.norm(x))
+        return self._logits(self.model.norm(x))

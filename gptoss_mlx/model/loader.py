@@ -5,6 +5,9 @@ A converted folder holds `config.json` (the Hugging Face config plus `quantizati
 `model*.safetensors` with mlx-lm's gpt_oss tensor names. Non-expert linear layers may be
 quantized (mlx-community folders: affine 8-bit or other `mlx_lm.convert -q` settings, recorded
 per layer in `config["quantization"]` or inferred from the tensor shapes).
+
+With an `mx.distributed` group (`group=mx.distributed.init()` under `mlx.launch`), each rank
+builds and reads only its share of the model (model/sharding.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tqdm import tqdm
 
 from .experts import ENV_VAR, MoeFn, moe, resolve_backend, self_check
 from .gpt_oss import GptOss
+from .sharding import Shard, ShardingError, check_shardable
 from .weights import ModelLoadError, ModelWeights, open_weights
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -97,7 +101,8 @@ def _want(a: mx.array) -> str:
 
 
 def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
-               experts: str | MoeFn = "auto", progress: bool = False) -> GptOss:
+               experts: str | MoeFn = "auto", progress: bool = False,
+               group: mx.distributed.Group | None = None) -> GptOss:
     """Read a gpt-oss model (weights evaluated) from a converted MLX folder, a released
     checkpoint folder (either layout), a Hugging Face repo id, or opened `ModelWeights`.
 
@@ -105,14 +110,28 @@ def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
     "float16" or "float32" (for verification). `experts` picks the experts backend
     (see `experts.resolve_backend`; an automatic `metal` is autotuned per token count against
     the portable one, see `kernels.autotune`). `progress` shows a bar on stderr while weights load.
+    `group` (an `mx.distributed` group of several ranks): this rank's share of the model, read
+    alone from the files; every rank of the group must load, then make the same calls.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     source = open_weights(path) if isinstance(path, (str, os.PathLike)) else path
     folder = source.folder
     name, fn = resolve_backend(experts)
-    weights = source.arrays()
-    model = GptOss(source.config, fn, name)
+    if group is not None and group.size() == 1:
+        group = None
+    shard = None
+    if group is not None:
+        shard = Shard(group.rank(), group.size())
+        try:
+            check_shardable(source.config, shard.size)
+        except ShardingError as e:
+            raise ModelLoadError(f"{folder}: {e}") from None
+    try:
+        weights = source.arrays(shard)
+    except ShardingError as e:  # a stored tensor whose shape does not split
+        raise ModelLoadError(f"{folder}: {e}") from None
+    model = GptOss(source.config, fn, name, group)
     quantization = source.raw_config.get("quantization") or {}
     if not isinstance(quantization, dict):
         raise ModelLoadError(f"{folder}/config.json: quantization={quantization!r}: expected a "
@@ -122,6 +141,7 @@ def load_model(path: str | Path | ModelWeights, dtype: str = "bfloat16",
     model.load_weights(list(weights.items()), strict=False)
     del weights  # the model holds what it needs; fusing must not keep the originals alive
     model.fuse_qkv()
+    model.connect()
     target = DTYPES[dtype]
     model.set_dtype(target, lambda t: mx.issubdtype(t, mx.floating))
     _materialize(model, progress)
@@ -189,9 +209,11 @@ def _materialize(model: GptOss, progress: bool) -> None:
 
 
 def load(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn = "auto",
-         progress: bool = False) -> tuple[GptOss, Any]:
+         progress: bool = False,
+         group: mx.distributed.Group | None = None) -> tuple[GptOss, Any]:
     """`(model, tokenizer)` from a converted folder, a released checkpoint folder or a Hugging
-    Face repo id (see `load_model`); the tokenizer is None without a vocabulary."""
+    Face repo id (see `load_model`; `group`: this rank's share); the tokenizer is None without
+    a vocabulary."""
     from gptoss_mlx.chat.tokenizer import VOCAB_FILENAME, load_tokenizer
 
     source = open_weights(path)
@@ -201,4 +223,4 @@ def load(path: str | Path, dtype: str = "bfloat16", experts: str | MoeFn = "auto
         raise ModelLoadError(f"{source.folder}: {VOCAB_FILENAME} has {tokenizer.vocab_size} "
                              f"token ids but config.json's vocab_size is "
                              f"{source.config.vocab_size}")
-    return load_model(source, dtype, experts, progress), tokenizer
+    return load_model(source, dtype, experts, progress, group), tokenizer

@@ -11,6 +11,10 @@ is a slice of a stored one, built lazily on `mx.load`, so the gate/up rows are d
 the qkv rows split and the MXFP4 bytes viewed as uint32 while the loader evaluates the model
 layer by layer; no conversion step and no second copy on disk. A Hugging Face repo id is
 downloaded once into the hub cache (`convert.source.resolve`).
+
+`arrays(shard)` gives one rank's share instead (see `sharding.cut`), read with plain reads of
+just that part of each stored tensor (rows of an expert, blocks of a row), so no rank ever holds
+a whole tensor it shares.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from gptoss_mlx.config import ConfigError, ModelConfig
 from gptoss_mlx.convert.converter import model_config, output_config, plan_conversion, side_folders
-from gptoss_mlx.convert.safetensors_io import SafetensorsError, TensorSpec, read_header
+from gptoss_mlx.convert.safetensors_io import (
+    SafetensorsError,
+    StoredTensor,
+    TensorSpec,
+    read_header,
+)
 from gptoss_mlx.convert.source import ConvertError, Source, resolve
-from gptoss_mlx.convert.stream import Piece
+from gptoss_mlx.convert.stream import CHUNK_BYTES, Piece
+
+from .sharding import Cut, Shard, cut
 
 
 class ModelLoadError(ValueError):
@@ -53,8 +65,13 @@ class ConvertedFolder:
         except SafetensorsError as e:
             raise ModelLoadError(str(e)) from None
 
-    def arrays(self) -> dict[str, mx.array]:
-        """Every stored tensor, lazily (read when evaluated)."""
+    def arrays(self, shard: Shard | None = None) -> dict[str, mx.array]:
+        """Every stored tensor, lazily (read when evaluated); with `shard`, that rank's part of
+        each, read now."""
+        if shard is not None:
+            return {name: _read_part(t, Piece(t, 0, t.spec.shape[0]), t.spec,
+                                     cut(name, t.spec.shape, self.config, shard))
+                    for name, t in self._stored().items()}
         weights: dict[str, mx.array] = {}
         for f in self._files():
             try:
@@ -62,6 +79,12 @@ class ConvertedFolder:
             except Exception as e:  # mlx raises bare RuntimeError/ValueError on a bad file
                 raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from None
         return weights
+
+    def _stored(self) -> dict[str, StoredTensor]:
+        try:
+            return {n: t for f in self._files() for n, t in read_header(f).items()}
+        except SafetensorsError as e:
+            raise ModelLoadError(str(e)) from None
 
     def _files(self) -> list[Path]:
         files = sorted(self.folder.glob("model*.safetensors"))
@@ -96,9 +119,14 @@ class Release:
         """Our tensors, exactly as the converter would write them."""
         return [spec for spec, _ in self.plan]
 
-    def arrays(self) -> dict[str, mx.array]:
+    def arrays(self, shard: Shard | None = None) -> dict[str, mx.array]:
         """Our tensors as lazy slices of the stored ones: evaluating a layer reads each of its
-        stored tensors once, and frees it once its slices are copied out."""
+        stored tensors once, and frees it once its slices are copied out. With `shard`, that
+        rank's part of each, read now."""
+        if shard is not None:
+            return {spec.name: _read_part(piece.tensor, piece, spec,
+                                          cut(spec.name, spec.shape, self.config, shard))
+                    for spec, piece in self.plan}
         files: dict[Path, dict[str, mx.array]] = {}
         out = {}
         for spec, piece in self.plan:
@@ -121,6 +149,64 @@ def _sliced(stored: mx.array, spec: TensorSpec, piece: Piece) -> mx.array:
     if spec.dtype != piece.tensor.spec.dtype:  # the converter's one reinterpretation: U8 -> U32
         a = a.view(mx.uint32)
     return a.reshape(spec.shape)
+
+
+def _read_part(stored: StoredTensor, piece: Piece, spec: TensorSpec, part: Cut) -> mx.array:
+    """The part `part` of our tensor `spec`, which is `piece` of `stored`, read from the file."""
+    shape = part.shape(spec.shape)
+    dtype = _MX_DTYPES[spec.dtype]
+    if part.zero:
+        return mx.zeros(shape, dtype=dtype)
+    index = [slice(piece.start, piece.stop)] + [slice(None)] * (len(stored.spec.shape) - 1)
+    if piece.parity is not None:
+        index[1] = slice(piece.parity, None, 2)
+    if part.axis is not None:
+        lo, hi = part.start, part.stop
+        if part.axis == 0:
+            index[0] = slice(piece.start + lo, piece.start + hi)
+        elif part.axis == 1 and piece.parity is not None:  # every other stored row
+            index[1] = slice(2 * lo + piece.parity, 2 * hi, 2)
+        else:  # a stored [..., blocks, 16] U8 axis is our [..., blocks * 4] U32 one
+            per = spec.shape[part.axis] // stored.spec.shape[part.axis]
+            index[part.axis] = slice(lo // per, hi // per)
+    try:
+        data = _read_index(stored, index)
+    except SafetensorsError as e:
+        raise ModelLoadError(str(e)) from None
+    data = np.ascontiguousarray(data).view(_NP_DTYPES[spec.dtype]).reshape(shape)
+    out = mx.array(data)
+    return out.view(dtype) if out.dtype != dtype else out
+
+
+_MAX_ROW_READS = 1024  # a cut of axis 1 reads row by row up to this many rows (experts), else
+# whole rows in chunks
+_NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "U8": np.uint8,
+              "I8": np.int8, "U32": np.uint32, "I32": np.int32}
+_MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U8": mx.uint8,
+              "I8": mx.int8, "U32": mx.uint32, "I32": mx.int32}
+
+
+def _read_index(stored: StoredTensor, index: list[slice]) -> np.ndarray:
+    """`stored[index]` with plain reads: the rows of axis 0 in `index[0]` (step 1) only; a cut
+    of axis 1 reads each leading row's range alone; deeper cuts read whole rows a chunk at a
+    time and keep their part."""
+    rows, rest = index[0], index[1:]
+    if all(s == slice(None) for s in rest):
+        return stored.read_rows(rows.start, rows.stop)
+    if all(s == slice(None) for s in rest[1:]) and rows.stop - rows.start <= _MAX_ROW_READS:
+        inner = rest[0]
+        shape = stored.spec.shape
+        lo, hi, step = inner.indices(shape[1])
+        row_bytes = stored.spec.nbytes // shape[0]
+        parts = []
+        for i in range(rows.start, rows.stop):
+            sub = StoredTensor(TensorSpec(stored.spec.name, stored.spec.dtype, shape[1:]),
+                               stored.path, stored.offset + i * row_bytes)
+            parts.append(sub.read_rows(lo, hi)[::step])
+        return np.stack(parts)
+    chunks = [a[(slice(None), *rest)]
+              for a in stored.iter_rows(rows.start, rows.stop, CHUNK_BYTES)]
+    return np.concatenate(chunks)
 
 
 ModelWeights = ConvertedFolder | Release
