@@ -42,6 +42,7 @@ import numpy as np
 from gptoss_mlx.liveness import Liveness, links, peer_addresses
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, trim_to
 from gptoss_mlx.model.cache import offset as cache_offset
+from gptoss_mlx.model.sharding import Shard
 
 CONNECT_TIMEOUT_ENV = "GPTOSS_MLX_CONNECT_TIMEOUT"
 PEER_TIMEOUT_ENV = "GPTOSS_MLX_PEER_TIMEOUT"
@@ -76,6 +77,16 @@ def rank() -> int:
 def size() -> int:
     """How many ranks run the model (1 without a distributed launch)."""
     return _state.group.size() if _state.group is not None else 1
+
+
+def group() -> Any:
+    """The `mx.distributed` group the model is split over, or None in a single process."""
+    return _state.group
+
+
+def shard() -> Shard | None:
+    """This rank's share of the model, or None in a single process."""
+    return Shard(rank(), size()) if _state.group is not None else None
 
 
 def is_follower() -> bool:

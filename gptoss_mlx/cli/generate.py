@@ -182,25 +182,38 @@ def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, To
             f"{VOCAB_FILENAME} into it, or convert again with --vocab PATH"
         )
     ranks = join_ranks()
+    if ranks > 1 and not distributed.is_follower():
+        print_rank_plans(path, ranks, max_context)
     try:
-        plan = ensure_fits(path, max_context)
+        ensure_fits(path, max_context, shard=distributed.shard())  # each rank on its machine
     except MemoryPlanError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot read {path}: {e}") from None
-    if ranks > 1 and not distributed.is_follower():
-        click.echo(f"{ranks} ranks; per rank, {plan.summary()}", err=True)
     from gptoss_mlx import load
 
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not distributed.is_follower():
         click.echo(f"loading {path} ...", err=True)
     try:
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, group=distributed.group())
     except (ValueError, OSError, KeyError) as e:
         raise click.ClickException(f"cannot load {path}: {e}") from None
     if tokenizer is None:
         raise click.ClickException(f"{path}: no tokenizer could be loaded")
     return distributed.distribute(model), tokenizer
+
+
+def print_rank_plans(path: Any, ranks: int, max_context: int | None) -> None:
+    """The memory plan of each rank of a model split across `ranks`, one line each (stderr)."""
+    from gptoss_mlx.memory import folder_specs, plan_per_rank
+    from gptoss_mlx.model.weights import open_weights
+
+    try:
+        plans = plan_per_rank(open_weights(path).config, folder_specs(path), ranks, max_context)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot split {path} across {ranks} ranks: {e}") from None
+    for plan in plans:
+        click.echo(plan.summary(), err=True)
 
 
 def join_ranks() -> int:
