@@ -33,7 +33,13 @@ from gptoss_mlx.convert.dense import bits_for, quantizable, quantized_specs
 from gptoss_mlx.convert.safetensors_io import TensorSpec
 from gptoss_mlx.convert.source import ConvertError
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
-from gptoss_mlx.model.sharding import Shard, check_shardable, intermediate_range, shard_specs
+from gptoss_mlx.model.sharding import (
+    Shard,
+    ShardingError,
+    check_shardable,
+    intermediate_range,
+    shard_specs,
+)
 from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
@@ -325,8 +331,8 @@ def check_fits(plan: MemoryPlan, working_set: int | None = None) -> int | None:
     for bits in (8, 4):
         try:
             dense = plan.with_dense_bits(bits)
-        except ConvertError:
-            continue  # shapes `convert --dense-bits` refuses
+        except (ConvertError, ShardingError):
+            continue  # shapes `convert --dense-bits` refuses, or that then do not split
         if dense.weights_total >= plan.weights_total:
             continue  # already quantized
         if dense.total <= budget:

@@ -161,3 +161,40 @@ def test_a_rank_that_cannot_connect_gives_up_with_one_error(tiny_model_dir: Path
     assert err.decode().strip().splitlines()[-1] == (
         "error: rank 1: could not connect to the other ranks within 2 s (backend ring); is "
         "every rank started, and the hostfile right? ($GPTOSS_MLX_CONNECT_TIMEOUT)")
+
+
+def plan(model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *GPTOSS, "plan", "-m", str(model), *args],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+
+
+def test_plan_splits_the_kv_cache_by_heads_and_says_whether_it_fits(tiny_model_dir: Path) -> None:
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    ctx = 1024
+    r = plan(tiny_model_dir, "--ranks", "2", "--memory-per-rank", "64GB", "--max-context",
+             str(ctx))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == [
+        "memory plan (rank 0 of 2)", "memory plan (rank 1 of 2)"]
+    assert lines[2].startswith("fits: 2 ranks of 64.00 GB")
+    # the KV cache from config.json: keys and values of half the KV heads, bf16; full layers
+    # hold the context (in steps of 256), sliding ones window + 1024 + 256 positions
+    per_token = 2 * cfg["num_key_value_heads"] // 2 * cfg["head_dim"] * 2
+    sliding = sum(t == "sliding_attention" for t in cfg["layer_types"])
+    full = cfg["num_hidden_layers"] - sliding
+    kv = per_token * (full * ctx + sliding * (cfg["sliding_window"] + 1024 + 256))
+    assert f"KV cache {kv / 1e6:.1f} MB" in lines[0]
+    total = float(lines[0].split(": ")[1].split(" MB")[0]) * 1e6
+
+    tight = plan(tiny_model_dir, "--ranks", "2", "--memory-per-rank", f"{int(total * 0.9)}",
+                 "--max-context", str(ctx))
+    assert tight.returncode == 1
+    assert tight.stderr.startswith("Error: does not fit on rank 0: ")
+    assert "--max-context" in tight.stderr  # what would fit
+
+    odd = plan(tiny_model_dir, "--ranks", "3")
+    assert odd.returncode == 1
+    assert odd.stderr.strip().endswith(
+        f"3 ranks: num_key_value_heads={cfg['num_key_value_heads']} does not split into 3 "
+        "equal parts")

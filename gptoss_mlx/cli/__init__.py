@@ -46,3 +46,6 @@ main.add_command(serve_command)
 from gptoss_mlx.cli.bench import bench_command  # noqa: E402
 
 main.add_command(bench_command)
+from gptoss_mlx.cli.plan import plan_command  # noqa: E402
+
+main.add_command(plan_command)

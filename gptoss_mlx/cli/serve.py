@@ -13,7 +13,10 @@ DEFAULT_MAX_CONCURRENT = 8
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+def byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A click callback: `16MiB`, `48GB` or a byte count as bytes (None stays None)."""
+    if value is None:
+        return None
     try:
         return parse_bytes(value)
     except ValueError as exc:
@@ -83,7 +86,7 @@ def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
               help="Requests waiting for a generation slot; more get a 429 with Retry-After.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, help="Seconds a request may wait for a slot before its 429.")
-@click.option("--max-body-size", default="16MiB", show_default=True, callback=_size,
+@click.option("--max-body-size", default="16MiB", show_default=True, callback=byte_size,
               help="Largest request body (e.g. 16MiB, 4MB); larger ones get a 413 unread.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", help="uvicorn's log level.")
