@@ -306,11 +306,12 @@ class Leader:
                 _exchange(message)
 
 
-def follow(model: Any) -> int:
+def follow(model: Any, caches: dict[int, list[Any]] | None = None) -> int:
     """A follower's whole life: mirror rank 0's model calls until it says exit; returns the
-    exit status rank 0 sent. A lost rank or a stalled call ends the process (see `fail`)."""
+    exit status rank 0 sent. `caches` receives the mirrored KV caches by rank 0's id. A lost rank
+    or a stalled call ends the process (see `fail`)."""
     watchdog = _Watchdog(_timeout(PEER_TIMEOUT_ENV))
-    caches: dict[int, list[Any]] = {}
+    caches = {} if caches is None else caches
     while True:
         try:
             message = _exchange(None)  # waits as long as rank 0 is idle

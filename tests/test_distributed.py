@@ -198,3 +198,62 @@ def test_plan_splits_the_kv_cache_by_heads_and_says_whether_it_fits(tiny_model_d
     assert odd.stderr.strip().endswith(
         f"3 ranks: num_key_value_heads={cfg['num_key_value_heads']} does not split into 3 "
         "equal parts")
+
+
+def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one process: rank 0's messages are recorded, then replayed to `follow`; every KV cache
+    rank 0 still holds is mirrored position for position (reuse by prefix, a generation closed
+    early with a step queued, a cache trimmed back, caches dropped and freed)."""
+    import gc
+
+    import mlx.core as mx
+    import numpy as np
+
+    from gptoss_mlx import distributed, load
+    from gptoss_mlx.generate import PromptCache, stream
+
+    sent: list[np.ndarray] = []
+
+    def record_or_replay(message: np.ndarray | None) -> np.ndarray:
+        if message is not None:
+            sent.append(message.copy())
+            return message
+        return sent.pop(0)
+
+    monkeypatch.setattr(distributed, "_exchange", record_or_replay)
+    model, tokenizer = load(tiny_model_dir)
+    leader = distributed.Leader(model)
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+
+    def run(cache: PromptCache, prompt: list[int], n: int, stop_after: int | None = None) -> None:
+        events = stream(leader, tokenizer, prompt, cache=cache, max_tokens=n,
+                        stop_tokens=frozenset())
+        for i, _ in enumerate(events):
+            if stop_after is not None and i + 1 == stop_after:
+                events.close()  # the next step is already queued: the cache is trimmed back
+                break
+
+    kept, other = PromptCache(leader), PromptCache(leader)
+    run(kept, ids[:20], 6)
+    run(kept, ids[:30], 5, stop_after=2)  # reuses the first 20, stops early
+    run(other, ids[5:25], 4)
+    run(kept, ids[:12], 3)  # trimmed back into the prompt
+    del other
+    gc.collect()  # its id goes to the followers with the next message
+    run(PromptCache(leader), ids[:8], 2)
+    gc.collect()
+    leader.finish(0)
+
+    mirrors: dict[int, list] = {}
+    assert distributed.follow(model, mirrors) == 0
+    assert not sent  # every message was consumed
+    (cid,) = mirrors  # the dropped caches were freed on the follower too
+    for ours, theirs in zip(kept.layers, mirrors[cid], strict=True):
+        assert ours.offset == theirs.offset == len(kept.tokens)
+        held = ours.offset - getattr(ours, "start", 0)
+        assert getattr(ours, "start", 0) == getattr(theirs, "start", 0)
+        for a, b in zip(ours.state, theirs.state, strict=True):
+            assert np.array_equal(np.array(a[:, :, :held].astype(mx.float32)),
+                                  np.array(b[:, :, :held].astype(mx.float32)))
