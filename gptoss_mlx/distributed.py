@@ -122,8 +122,7 @@ def _timeout(name: str) -> float:
 
 def fail(message: str) -> NoReturn:
     """End this rank at once with one error line and status 1 (no cleanup that could block on a
-    collective)."""
-    sys.stdout.flush()
+    collective; stdout is not flushed: another thread may hold its lock)."""
     os.write(2, f"error: rank {rank()} of {size()}: {message}\n".encode())
     os._exit(1)
 
@@ -141,7 +140,8 @@ def exit_if_peer_lost(exc: BaseException) -> None:
 
 def setup() -> int:
     """Join the distributed group when a launcher started this process (idempotent); returns the
-    number of ranks. Followers stop printing on stdout and ignore Ctrl-C (rank 0 ends them)."""
+    number of ranks. Followers stop printing on stdout and ignore Ctrl-C (rank 0 ends them).
+    Raises ValueError (one line) for a bad timeout variable or a group MLX cannot set up."""
     if _state.group is not None:
         return size()
     backend = launched()
@@ -153,7 +153,11 @@ def setup() -> int:
     with _connect_guard(connect, f"error: rank {me}: could not connect to the other ranks "
                                  f"within {connect:g} s (backend {backend}); is every rank "
                                  f"started, and the hostfile right? (${CONNECT_TIMEOUT_ENV})\n"):
-        group = mx.distributed.init(strict=True, backend=backend)
+        try:
+            group = mx.distributed.init(strict=True, backend=backend)
+        except RuntimeError as e:
+            raise ValueError(f"rank {me}: cannot join the other ranks (backend {backend}): "
+                             f"{e}") from None
     if group.size() == 1:
         return 1
     _state.group = group

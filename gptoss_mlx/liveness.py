@@ -32,15 +32,17 @@ def _keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def peer_addresses(backend: str, ranks: int) -> list[str]:
-    """Each rank's address as the launcher's environment gives it (empty when it does not)."""
+def peer_addresses(backend: str, ranks: int) -> list[list[str]]:
+    """Each rank's addresses as the launcher's environment gives them (the ring's hostfile: one
+    or more per rank, tried in order; JACCL: rank 0's, the coordinator); empty when it gives
+    none (MPI)."""
     if backend == "ring":
         with open(os.environ["MLX_HOSTFILE"]) as f:
             hosts = json.load(f)
-        return [h[0].rsplit(":", 1)[0] for h in hosts]
+        return [list(dict.fromkeys(a.rsplit(":", 1)[0] for a in h)) for h in hosts]
     if backend == "jaccl":
         coordinator = os.environ.get("MLX_JACCL_COORDINATOR", "").rsplit(":", 1)[0]
-        return [coordinator] + [""] * (ranks - 1)
+        return [[coordinator]] + [[] for _ in range(ranks - 1)]
     return []
 
 
@@ -64,11 +66,12 @@ class Liveness:
         self._socks: list[socket.socket] = []
         self._ending = False
 
-    def connect(self, dial: list[tuple[int, str, int]], accept: int, rank: int,
+    def connect(self, dial: list[tuple[int, list[str], int]], accept: int, rank: int,
                 timeout: float) -> None:
-        """Dial (rank, host, port) each and accept `accept` connections; start the readers."""
-        for peer, host, port in dial:
-            sock = socket.create_connection((host, port), timeout=timeout)
+        """Dial each (rank, its addresses, port) at the first address that answers, accept
+        `accept` connections; start the readers. Raises OSError when a link cannot be made."""
+        for peer, hosts, port in dial:
+            sock = _dial(hosts, port, timeout)
             sock.sendall(rank.to_bytes(4, "little"))
             self._watch(sock, peer)
         self.listener.settimeout(timeout)
@@ -105,6 +108,16 @@ class Liveness:
                 sock.sendall(BYE)
             except OSError:
                 pass
+
+
+def _dial(hosts: list[str], port: int, timeout: float) -> socket.socket:
+    error: OSError = ConnectionError("no address to reach it at")
+    for host in hosts:
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            error = e
+    raise error
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
