@@ -281,8 +281,8 @@ class Leader:
         head[BATCH], head[LENGTH] = ids.shape
         head[LAST_ONLY] = int(last_only)
         if cache is not None:
-            made = self._ids.get(cache[0]) if cache else None
-            if made is None:
+            made = self._ids.get(cache[0]) if isinstance(cache, list) and cache else None
+            if made is None:  # e.g. a batch's caches: not mirrored (yet)
                 raise ValueError("distributed: the KV cache was not made by this model's "
                                  "make_cache(), so the other ranks cannot mirror it")
             head[CACHE], head[SLACK], head[COMPACT] = made
