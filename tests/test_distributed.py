@@ -257,3 +257,12 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
         for a, b in zip(ours.state, theirs.state, strict=True):
             assert np.array_equal(np.array(a[:, :, :held].astype(mx.float32)),
                                   np.array(b[:, :, :held].astype(mx.float32)))
+
+
+def test_prompt_from_stdin_is_refused_under_the_launcher(tiny_model_dir: Path) -> None:
+    (rank,) = by_hand("generate", "-m", str(tiny_model_dir), "-p", "-", ranks=(0,))
+    _, err = rank.communicate(b"never read", timeout=60)
+    assert rank.returncode == 2  # a usage error, before waiting for the other rank
+    assert err.decode().strip().splitlines()[-1] == (
+        "Error: -p - cannot read stdin under mlx.launch, which never closes the ranks' stdin; "
+        'give the prompt itself: -p "$(cat FILE)"')
