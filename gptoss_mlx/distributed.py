@@ -11,15 +11,16 @@ make the same model call, so their caches hold what rank 0's hold and a sharded 
 collectives pair up. Tokens are sampled on rank 0 only and reach the others inside the next
 message, so sampling is identical everywhere whatever the floating-point differences.
 
-Failure, never a hang:
-- a rank that dies closes its connections: MLX's collectives raise on the others within a
-  second, and `fail` turns that into one error line and exit status 1 on every rank;
-- a rank that stops answering (a Mac that sleeps, a cable pulled): rank 0 waits at most
-  `$GPTOSS_MLX_PEER_TIMEOUT` seconds (default 30) for a message to go through, and a follower as
-  long for a model call to finish; then the same one-line exit;
+Failure, never a hang (MLX's collectives alone may wait forever for a dead peer):
+- a rank that dies, however it dies, closes its TCP links to its neighbours (`liveness`): they
+  end with one error line and exit status 1 (`fail`), and so on around the ring, within a
+  second; a Mac that vanishes (power, cable) is noticed by TCP keepalive within about 10 s;
+- a rank that stops answering: rank 0 waits at most `$GPTOSS_MLX_PEER_TIMEOUT` seconds
+  (default 30) for a message to go through, and a follower as long for a model call to finish;
 - a rank that cannot connect: `setup` gives up after `$GPTOSS_MLX_CONNECT_TIMEOUT` seconds
   (default 30). MLX's `init` holds the interpreter lock while it waits, so the guard is a small
   child process that kills its parent, not a thread.
+A normal end: rank 0 sends EXIT (`finish`, also at exit) and every rank says goodbye on its links.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ class Leader:
         return self.model(tokens, cache=cache, last_only=last_only)
 
     def finish(self, status: int = 0) -> None:
-        """Tell the followers to exit with `status` (once; later model calls are refused)."""
+        """Tell the followers to exit with `status` (once, after the last model call)."""
         head = np.zeros(HEADER, np.int32)
         head[OP], head[STATUS] = EXIT, status
         self._send(head, np.zeros(0, np.int32))
