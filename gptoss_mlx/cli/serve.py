@@ -43,10 +43,11 @@ def plan_concurrency(model_path: str, max_context: int | None, cache_slots: int,
     """`--max-concurrent`, or its default: as many generations as have room for their own KV
     cache at the context beside the weights (at most DEFAULT_MAX_CONCURRENT); one clear error
     when the caches asked for do not fit. Alive at once: max(cache_slots, max_concurrent)."""
+    from gptoss_mlx import distributed
     from gptoss_mlx.memory import gb, plan_memory, working_set_limit
 
     try:
-        plan = plan_memory(model_path, max_context)
+        plan = plan_memory(model_path, max_context, shard=distributed.shard())  # this rank's
     except (OSError, ValueError, KeyError):
         return max_concurrent or DEFAULT_MAX_CONCURRENT  # load_model names the problem
     budget = working_set_limit()
