@@ -48,6 +48,7 @@ from gptoss_mlx.model.sharding import Shard
 CONNECT_TIMEOUT_ENV = "GPTOSS_MLX_CONNECT_TIMEOUT"
 PEER_TIMEOUT_ENV = "GPTOSS_MLX_PEER_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
+LINK_GRACE = 2.0  # seconds a collective's error waits for the links to name the lost rank
 
 # The message: header fields, then up to CAPACITY token ids (larger calls continue in more).
 OP, STATUS, CACHE, OFFSET, BATCH, LENGTH, LAST_ONLY, SLACK, COMPACT, N_FREED = range(10)
@@ -136,7 +137,26 @@ def is_peer_error(exc: BaseException) -> bool:
 def exit_if_peer_lost(exc: BaseException) -> None:
     """`fail` when `exc` says another rank is gone; otherwise nothing (the caller goes on)."""
     if _state.group is not None and is_peer_error(exc):
-        fail(f"lost the connection to another rank ({exc}); ending every rank")
+        _lost(f"lost the connection to another rank ({exc}); ending every rank")
+
+
+def before_crash(exc: BaseException) -> None:
+    """Called with an error about to end the process: when another rank is gone, end with the
+    one line that names it (a collective may fail in other ways than `is_peer_error` knows,
+    just before the links see why)."""
+    if _state.group is None:
+        return
+    exit_if_peer_lost(exc)
+    if _state.liveness is not None:
+        time.sleep(LINK_GRACE)  # a link's reader ends the process meanwhile if a rank is gone
+
+
+def _lost(message: str) -> NoReturn:
+    """`fail` with `message`, unless the links name the rank that is gone first (they usually
+    see it within milliseconds of MLX)."""
+    if _state.liveness is not None:
+        time.sleep(LINK_GRACE)  # a link's reader ends the process meanwhile
+    fail(message)
 
 
 def setup() -> int:
@@ -329,7 +349,7 @@ def follow(model: Any, caches: dict[int, list[Any]] | None = None) -> int:
         if head[OP] == EXIT:
             return int(head[STATUS])
         if head[OP] != FORWARD:  # zeros: what a failed collective may return
-            fail(f"lost rank 0 (message {int(head[OP])} instead of a model call); ending")
+            _lost(f"lost rank 0 (message {int(head[OP])} instead of a model call); ending")
         with watchdog.bounded("mirroring a model call"):
             n = int(head[BATCH] * head[LENGTH])
             ids = [message[HEADER:HEADER + min(n, CAPACITY)]]

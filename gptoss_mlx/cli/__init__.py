@@ -8,15 +8,18 @@ from gptoss_mlx import __version__
 
 
 class _Group(click.Group):
-    """The command group; under `mlx.launch`, a lost rank ends this one with one line."""
+    """The command group; under `mlx.launch`, a lost rank ends this one with one line (not with
+    the traceback of whatever failed first)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except RuntimeError as e:
-            from gptoss_mlx.distributed import exit_if_peer_lost
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # the command's own end
+        except Exception as e:
+            from gptoss_mlx.distributed import before_crash
 
-            exit_if_peer_lost(e)
+            before_crash(e)
             raise
 
 
