@@ -69,6 +69,7 @@ class _State:
 
 
 _state = _State()
+_failing = threading.Lock()  # taken by the one `fail` that writes its line
 
 
 def rank() -> int:
@@ -124,7 +125,11 @@ def _timeout(name: str) -> float:
 
 def fail(message: str) -> NoReturn:
     """End this rank at once with one error line and status 1 (no cleanup that could block on a
-    collective; stdout is not flushed: another thread may hold its lock)."""
+    collective; stdout is not flushed: another thread may hold its lock). Only the first
+    caller writes: another thread that fails at the same time waits for the exit."""
+    if not _failing.acquire(blocking=False):
+        while True:
+            time.sleep(60)
     os.write(2, f"error: rank {rank()} of {size()}: {message}\n".encode())
     os._exit(1)
 
