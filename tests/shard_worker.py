@@ -3,8 +3,9 @@ single-process reference: a prompt forward and greedy decode steps, logits in fl
 
     python shard_worker.py MODEL OUT_PREFIX [--experts mlx|emulated]
 
-Each rank writes `OUT_PREFIX.RANK.npz`: the logits of every step and the bytes of each of its
-parameters. `launch(n, args)` runs the script on n local ranks (ring backend, CPU).
+Each rank writes `OUT_PREFIX.RANK.npz`: the logits of every step, the bytes of each of its
+parameters and the collectives one decode step calls. `launch(n, args)` runs the script on n
+local ranks (ring backend, CPU).
 """
 
 from __future__ import annotations
@@ -62,6 +63,27 @@ def launch(ranks: int, args: list[str], timeout: float = 300) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
 
 
+def count_collectives(model: Any) -> dict[str, int]:
+    """The all_sum and all_gather calls of one decode step (batch 1, no cache)."""
+    calls = {"all_sum": 0, "all_gather": 0}
+    originals = {name: getattr(mx.distributed, name) for name in calls}
+
+    def counting(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in calls:
+            setattr(mx.distributed, name, counting(name))
+        mx.eval(model(mx.zeros((1, 1), dtype=mx.int32)))
+    finally:
+        for name, fn in originals.items():
+            setattr(mx.distributed, name, fn)
+    return calls
+
+
 def main() -> None:
     model_dir, prefix = sys.argv[1], sys.argv[2]
     experts = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--experts" else "mlx"
@@ -69,7 +91,8 @@ def main() -> None:
     group = mx.distributed.init(strict=True)
     steps, model = logits_trace(model_dir, experts, group)
     params = {f"bytes:{n}": np.array(a.nbytes) for n, a in tree_flatten(model.parameters())}
-    np.savez(f"{prefix}.{group.rank()}.npz", *steps, **params)
+    calls = {f"calls:{n}": np.array(c) for n, c in count_collectives(model).items()}
+    np.savez(f"{prefix}.{group.rank()}.npz", *steps, **params, **calls)
 
 
 if __name__ == "__main__":

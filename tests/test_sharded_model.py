@@ -1,7 +1,7 @@
 """One model split across 2 and 4 local ranks (`mlx.launch`, ring backend, CPU) against the same
 model in one process: the logits of a prompt and of greedy decode steps agree within 1e-5
-relative in float32, on every rank; each rank holds what the memory plan says, and no rank holds a
-whole copy of any tensor it shares."""
+relative in float32, on every rank; each rank holds what the memory plan says, no rank holds a
+whole copy of any tensor it shares, and a token costs 2 * layers + 2 collectives."""
 
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def test_sharded_logits_match_one_process(checkpoints: dict[str, Path], tmp_path
         assert held == plan.weights_total, f"rank {r}"
         for part in ("embedding", "lm_head", "experts", "attention"):
             assert plan.weights[part] < whole.weights[part], (r, part)
+        # per token: the embedding, attention and MoE of each layer summed, the logits gathered
+        layers = weights.config.num_hidden_layers
+        assert (rank["calls:all_sum"], rank["calls:all_gather"]) == (2 * layers + 1, 1)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the MSL emulator needs g++")
