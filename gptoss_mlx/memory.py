@@ -77,9 +77,10 @@ def folder_specs(model_dir: str | Path) -> list[TensorSpec]:
 
 
 def loaded_nbytes(spec: TensorSpec, dtype: str = "bfloat16") -> int:
-    """Bytes a tensor takes once loaded: floating weights become `dtype`, quantization
-    parameters (`.scales`, `.biases`) and packed integers stay as stored."""
-    if spec.dtype in _FLOAT_CODES and not spec.name.endswith((".scales", ".biases")):
+    """Bytes a tensor takes once loaded: floating tensors become `dtype` (the loader's
+    `set_dtype` converts affine quantization scales and biases too), packed integers and E8M0
+    scales stay as stored."""
+    if spec.dtype in _FLOAT_CODES:
         return math.prod(spec.shape) * _ITEMSIZE[dtype]
     return spec.nbytes
 

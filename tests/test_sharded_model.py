@@ -1,7 +1,7 @@
 """One model split across 2 and 4 local ranks (`mlx.launch`, ring backend, CPU) against the same
 model in one process: the logits of a prompt and of greedy decode steps agree within 1e-5
-relative in float32, on every rank; each rank holds what the memory plan says, and no rank holds a
-whole copy of any tensor it shares."""
+relative in float32, on every rank; each rank holds what the memory plan says, no rank holds a
+whole copy of any tensor it shares, and a forward costs 2 * layers + 2 collectives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shard_worker import launch, logits_trace
+from shard_worker import FORWARDS, launch, logits_trace
 
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.convert import convert
@@ -34,7 +34,8 @@ REAL = dict(vocab_size=2048, hidden_size=2880, intermediate_size=2880, num_local
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Releases in both layouts and their converted folders, at both shapes."""
+    """Releases in both layouts and their converted folders, at both shapes; the tiny one also
+    converted with 8-bit dense layers (quantized o_proj, embedding and lm_head split too)."""
     root = tmp_path_factory.mktemp("sharded")
     out = {}
     for name, shape in (("tiny", TINY), ("real", REAL)):
@@ -43,6 +44,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         convert(src, root / f"{name}-mlx", progress=False)
         out[f"{name}-release"], out[f"{name}-original"] = src, src / "original"
         out[f"{name}-mlx"] = root / f"{name}-mlx"
+    convert(out["tiny-release"], root / "tiny-d8", progress=False, dense_bits=8)
+    out["tiny-d8"] = root / "tiny-d8"
     return out
 
 
@@ -73,19 +76,21 @@ _REFERENCE: dict[Path, list[np.ndarray]] = {}
 
 
 def reference(model_dir: Path) -> list[np.ndarray]:
-    """The single-process model's logits (computed once per folder)."""
+    """The single-process model's logits (computed once per folder; the release and its
+    converted folder load the same bytes, so one shape needs one)."""
     if model_dir not in _REFERENCE:
         _REFERENCE[model_dir] = logits_trace(model_dir)[0]
     return _REFERENCE[model_dir]
 
 
 @pytest.mark.parametrize(("source", "ranks"), [
-    ("tiny-mlx", 2), ("tiny-original", 4), ("real-release", 4), ("real-mlx", 2),
+    ("tiny-mlx", 2), ("tiny-original", 4), ("tiny-d8", 4), ("real-release", 4), ("real-mlx", 2),
 ])
 def test_sharded_logits_match_one_process(checkpoints: dict[str, Path], tmp_path: Path,
                                           source: str, ranks: int) -> None:
     model_dir = checkpoints[source]
-    want = reference(model_dir)
+    want = reference(checkpoints[source.split("-")[0] + "-mlx"] if source != "tiny-d8"
+                     else model_dir)
     got = run_ranks(ranks, model_dir, tmp_path)
     assert_same_logits(got, want)
     # each rank holds exactly what its memory plan counts (float32 here), a share of the whole
@@ -97,6 +102,10 @@ def test_sharded_logits_match_one_process(checkpoints: dict[str, Path], tmp_path
         assert held == plan.weights_total, f"rank {r}"
         for part in ("embedding", "lm_head", "experts", "attention"):
             assert plan.weights[part] < whole.weights[part], (r, part)
+        # per forward: the embedding, attention and MoE of each layer summed, the logits gathered
+        layers = weights.config.num_hidden_layers
+        calls = (rank["calls:all_sum"], rank["calls:all_gather"])
+        assert calls == (FORWARDS * (2 * layers + 1), FORWARDS), f"rank {r}"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the MSL emulator needs g++")
