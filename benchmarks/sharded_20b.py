@@ -10,6 +10,11 @@ model), prefills a few tokens and decodes a few greedily, and reports MLX's peak
 peak RSS. The table puts them beside the memory plan (`plan_per_rank`) and the per-rank decode
 bytes (`bench.bytes_per_token` over each rank's tensors). The checkpoint it wrote is deleted at
 the end unless --keep. On the CPU, MLX's quantized matmuls are slow: keep the token counts small.
+
+Measured (Linux, CPU, 2 cores shared, 4 ranks, bfloat16, 8-token prompt, 2 decoded): weights
+13.76 GB whole, bound 4.94 GB per rank; ranks 0-3 hold 3.50/3.50/3.39/3.39 GB (plan), peak MLX
+memory 3.51/3.51/3.40/3.40 GB, peak RSS 3.93/3.93/3.77/3.77 GB; decode reads 0.94/0.94/0.92/0.92
+GB per token (spread 1.5%); 50 collectives per forward; every rank the same argmax.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
     """The local folder of a model (a converted folder, a released checkpoint folder, or a
     Hugging Face repo id, downloaded once into the hub cache), after checking that it holds a
     vocabulary and that its memory plan at `max_context` fits (setting Metal's wired limit)."""
+    from gptoss_mlx import distributed
     from gptoss_mlx.chat.tokenizer import TOKENIZER_JSON, VOCAB_FILENAME
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
     from gptoss_mlx.model.weights import ModelLoadError, open_weights
@@ -38,7 +39,7 @@ def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
             f"{VOCAB_FILENAME} into it, or convert again with --vocab PATH"
         )
     try:
-        ensure_fits(path, max_context)
+        ensure_fits(path, max_context, shard=distributed.shard())  # each rank on its machine
     except MemoryPlanError as e:
         raise LoadError(str(e)) from None
     except (OSError, ValueError) as e:
@@ -47,13 +48,17 @@ def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
 
 
 def load_checked(path: str | Path) -> tuple[Any, Tokenizer]:
-    """The model and tokenizer of a folder `check_model` accepted (LoadError otherwise)."""
-    from gptoss_mlx import load
+    """The model and tokenizer of a folder `check_model` accepted (LoadError otherwise).
+
+    Under `mlx.launch` (after `distributed.setup`) each rank loads its share; rank 0 gets the
+    model wrapped as the leader (`gptoss_mlx.distributed`), the other ranks follow it here
+    until it ends, then exit."""
+    from gptoss_mlx import distributed, load
 
     try:
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, group=distributed.group())
     except (ValueError, OSError, KeyError) as e:
         raise LoadError(f"cannot load {path}: {e}") from None
     if tokenizer is None:
         raise LoadError(f"{path}: no tokenizer could be loaded")
-    return model, tokenizer
+    return distributed.distribute(model), tokenizer

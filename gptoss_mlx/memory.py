@@ -33,7 +33,13 @@ from gptoss_mlx.convert.safetensors_io import TensorSpec
 from gptoss_mlx.convert.source import ConvertError
 from gptoss_mlx.generate import DEFAULT_PREFILL_CHUNK
 from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, GROW_STEP
-from gptoss_mlx.model.sharding import Shard, check_shardable, intermediate_range, shard_specs
+from gptoss_mlx.model.sharding import (
+    Shard,
+    ShardingError,
+    check_shardable,
+    intermediate_range,
+    shard_specs,
+)
 from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
@@ -326,16 +332,19 @@ def plan_memory(
     dtype: str = "bfloat16",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     fused_attention: bool | None = None,
+    shard: Shard | None = None,
 ) -> MemoryPlan:
     """The memory a model folder (converted, or a released checkpoint) needs at `max_context`
     tokens (default: the model's full context), from its config.json and safetensors headers;
     nothing is loaded.
 
-    `fused_attention` (default: Metal available) drops the prefill attention-score buffer.
+    `fused_attention` (default: Metal available) drops the prefill attention-score buffer;
+    `shard`: the plan of that rank when the model is split.
     """
     weights = open_weights(model_dir)
     return plan_from_specs(weights.config, weights.specs(), max_context, dtype=dtype,
-                           prefill_chunk=prefill_chunk, fused_attention=fused_attention)
+                           prefill_chunk=prefill_chunk, fused_attention=fused_attention,
+                           shard=shard)
 
 
 def parse_bytes(text: str) -> int:
@@ -381,8 +390,8 @@ def check_fits(plan: MemoryPlan, working_set: int | None = None) -> int | None:
     for bits in (8, 4):
         try:
             dense = plan.with_dense_bits(bits)
-        except ConvertError:
-            continue  # shapes `convert --dense-bits` refuses
+        except (ConvertError, ShardingError):
+            continue  # shapes `convert --dense-bits` refuses, or that then do not split
         if dense.weights_total >= plan.weights_total:
             continue  # already quantized
         if dense.total <= budget:
@@ -423,10 +432,11 @@ def set_wired_limit(plan: MemoryPlan, working_set: int | None = None) -> int | N
 
 def ensure_fits(
     model_dir: str | Path, max_context: int | None = None, *, dtype: str = "bfloat16",
-    working_set: int | None = None,
+    working_set: int | None = None, shard: Shard | None = None,
 ) -> MemoryPlan:
-    """Plan, check (raising MemoryPlanError) and set the wired limit: call before loading."""
-    plan = plan_memory(model_dir, max_context, dtype=dtype)
+    """Plan, check (raising MemoryPlanError) and set the wired limit: call before loading
+    (with `shard`, for this rank's share of a split model)."""
+    plan = plan_memory(model_dir, max_context, dtype=dtype, shard=shard)
     check_fits(plan, working_set)
     set_wired_limit(plan, working_set)
     return plan

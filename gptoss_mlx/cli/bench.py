@@ -65,7 +65,8 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     and ratios to stderr. With --serve, the server under concurrent streaming clients."""
     import mlx.core as mx
 
-    from gptoss_mlx import bench, load
+    from gptoss_mlx import bench, distributed, load
+    from gptoss_mlx.cli.options import join_ranks
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
     from gptoss_mlx.model.weights import ModelLoadError, locate
 
@@ -83,19 +84,27 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
                     prefill_chunk, compare, json_path)
         return
     longest = max(t.n_prompt + t.depth + t.n_gen + 1 for t in tests)
+    ranks = join_ranks()
+    backends = list(dict.fromkeys(experts)) or (
+        ["auto", "mlx"] if mx.metal.is_available() else ["mlx"]
+    )
+    if ranks > 1 and (compare or len(experts) > 1):
+        raise click.UsageError("across several ranks, bench runs one experts backend (the "
+                               "other ranks keep theirs) and no --compare (mlx-lm runs whole)")
+    backends = backends[:1] if ranks > 1 else backends
     try:
-        plan = ensure_fits(model_path, longest)
+        plan = ensure_fits(model_path, longest, shard=distributed.shard())
     except MemoryPlanError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot plan {model_path}: {e}") from None
-    click.echo(plan.summary(), err=True)
+    if not distributed.is_follower():
+        click.echo(plan.summary(), err=True)
 
-    backends = list(dict.fromkeys(experts)) or (
-        ["auto", "mlx"] if mx.metal.is_available() else ["mlx"]
-    )
     try:
-        model, tokenizer = load(model_path, experts="auto" if "auto" in backends else backends[0])
+        model, tokenizer = load(model_path, experts="auto" if "auto" in backends else backends[0],
+                                group=distributed.group())
+        model = distributed.distribute(model)  # the other ranks follow it there until the end
         runtimes: list[bench.Runtime] = [
             bench.OurRuntime(model, tokenizer, f"gptoss-mlx {name}", experts=name)
             for name in backends

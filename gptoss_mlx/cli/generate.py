@@ -59,8 +59,12 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
         raise click.UsageError("--raw and --json both print on stdout; choose one")
     from gptoss_mlx.chat.harmony import HarmonyRenderer
     from gptoss_mlx.chat.messages import Message
+    from gptoss_mlx.distributed import launched
     from gptoss_mlx.generate import ContextLengthError, Done, NonFiniteLogitsError, stream
 
+    if prompt == "-" and launched():
+        raise click.UsageError("-p - cannot read stdin under mlx.launch, which never closes the "
+                               "ranks' stdin; give the prompt itself: -p \"$(cat FILE)\"")
     prompt = read_stdin("the prompt on stdin") if prompt == "-" else utf8_text(prompt, "--prompt")
     if not prompt.strip():
         raise click.ClickException("the prompt is empty; expected some text to answer")

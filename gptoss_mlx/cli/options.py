@@ -134,18 +134,60 @@ def _one_line() -> Iterator[None]:
 
 def check_model(model_path: str, max_context: int | None = None) -> Path:
     """`gptoss_mlx.loading.check_model` (the local folder, its memory plan checked), its errors
-    as one-line click errors."""
-    from gptoss_mlx import loading
+    as one-line click errors. Under `mlx.launch` the ranks join first and rank 0 prints each
+    rank's plan."""
+    from gptoss_mlx import distributed, loading
 
+    ranks = join_ranks()
     with _one_line():
-        return loading.check_model(model_path, max_context)
+        path = loading.check_model(model_path, max_context)
+    if ranks > 1 and not distributed.is_follower():
+        print_rank_plans(path, ranks, max_context)
+    return path
+
+
+def print_rank_plans(path: Path, ranks: int, max_context: int | None) -> None:
+    """The memory plan of each rank of a model split across `ranks`, one line each (stderr)."""
+    from gptoss_mlx.memory import folder_specs, plan_per_rank
+    from gptoss_mlx.model.weights import open_weights
+
+    try:
+        plans = plan_per_rank(open_weights(path).config, folder_specs(path), ranks, max_context)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot split {path} across {ranks} ranks: {e}") from None
+    for plan in plans:
+        click.echo(plan.summary(), err=True)
+
+
+def join_ranks() -> int:
+    """Join the other ranks when `mlx.launch` (or mpirun) started this process; the number of
+    ranks (1: a single process). Followers never come back from `load_checked_model`."""
+    from gptoss_mlx import distributed
+
+    try:
+        return distributed.setup()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def size_value(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A click callback: `16MiB`, `48GB` or a byte count as bytes (None stays None)."""
+    from gptoss_mlx.memory import parse_bytes
+
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def load_checked_model(path: Path) -> tuple[Any, Tokenizer]:
     """Load the folder `check_model` returned (errors: one line)."""
+    from gptoss_mlx import distributed
     from gptoss_mlx.loading import load_checked
 
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and not distributed.is_follower():
         click.echo(f"loading {path} ...", err=True)
     with _one_line():
         return load_checked(path)

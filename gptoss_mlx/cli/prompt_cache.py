@@ -8,17 +8,9 @@ from typing import Any
 
 import click
 
-from gptoss_mlx.memory import parse_bytes
+from gptoss_mlx.cli.options import size_value
 
 DEFAULT_BUDGET = "4GiB"
-
-
-def size_value(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    """A click callback reading a size option ("4GiB", "500MB") as bytes."""
-    try:
-        return parse_bytes(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def prompt_cache_options(f: Callable[..., Any]) -> Callable[..., Any]:

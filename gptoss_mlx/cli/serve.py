@@ -10,6 +10,7 @@ import click
 
 from gptoss_mlx.cli.options import (
     check_model,
+    join_ranks,
     load_checked_model,
     max_context_option,
     model_option,
@@ -41,13 +42,20 @@ def bind(host: str, port: int) -> socket.socket:
 def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slots: int,
                        max_batch: int | None) -> BatchPlan:
     """`--max-batch`, or its default from the memory plan (`gptoss_mlx.memory.plan_batch`:
-    one KV cache per sequence at the context, beside the weights and buffers); one clear error
-    when the caches asked for do not fit."""
+    one KV cache per sequence at the context, beside the weights and buffers, this rank's share
+    under `mlx.launch`); one clear error when the caches asked for do not fit. Across ranks the
+    batch is 1: the other ranks do not mirror a batched decode yet."""
+    from gptoss_mlx import distributed
     from gptoss_mlx.memory import MemoryPlanError, plan_batch, plan_memory, working_set_limit
 
+    if distributed.group() is not None:
+        if max_batch not in (None, 1):
+            raise click.ClickException(f"--max-batch {max_batch}: across several ranks the "
+                                       "server runs one generation at a time (--max-batch 1)")
+        max_batch = 1
     try:
-        return plan_batch(plan_memory(model_dir, max_context), working_set_limit(), max_batch,
-                          kept=cache_slots)
+        return plan_batch(plan_memory(model_dir, max_context, shard=distributed.shard()),
+                          working_set_limit(), max_batch, kept=cache_slots)
     except MemoryPlanError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -95,10 +103,12 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
 
     import uvicorn
 
+    from gptoss_mlx import distributed
     from gptoss_mlx.server.app import create_app, default_model_id
     from gptoss_mlx.server.engine import Engine
 
-    sock = bind(host, port)
+    join_ranks()
+    sock = None if distributed.is_follower() else bind(host, port)  # followers: no port
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key; anyone who can reach this "
                    "address can use the model", err=True)
@@ -110,8 +120,10 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
         server_log.setLevel(log_level.upper())
     model_dir = check_model(model_path, max_context)
     batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch)
-    click.echo(batch.summary(), err=True)
+    if not distributed.is_follower():
+        click.echo(batch.summary(), err=True)
     model, tokenizer = load_checked_model(model_dir)
+    assert sock is not None  # only rank 0 gets here
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
     store = open_prompt_store(prompt_cache_dir, prompt_cache_bytes, model, tokenizer)
     engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=batch.batch,
@@ -137,4 +149,13 @@ def _server(config: Any, engine: Any) -> Any:
         uvicorn_exit(sig, frame)
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
+    uvicorn_shutdown = server.shutdown
+
+    async def shutdown(sockets: Any = None) -> None:
+        await uvicorn_shutdown(sockets)  # the lifespan stops the engine: no model call after
+        from gptoss_mlx.distributed import finish
+
+        finish()  # other ranks exit before uvicorn re-raises the signal that ended it
+
+    server.shutdown = shutdown  # type: ignore[method-assign]
     return server

@@ -9,7 +9,9 @@
 Modules: gpt_oss.py (the architecture), rope.py (YaRN as OpenAI's reference computes it),
 cache.py (KV caches and the trimming helpers), experts.py (the MoE function, its portable
 backend and the backend choice), weights.py (a converted folder's tensors, or a release's
-through the converter's plan), loader.py (folders to models, ModelLoadError).
+through the converter's plan), loader.py (folders to models, ModelLoadError), sharding.py (one
+model split across the ranks of an `mx.distributed` group: `load(path, group=group)`),
+local_ranks.py (`mlx.launch` on this machine, for tests and benchmarks).
 """
 
 from .cache import trim_to

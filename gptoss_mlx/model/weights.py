@@ -30,6 +30,7 @@ import numpy as np
 from gptoss_mlx.config import ConfigError, ModelConfig
 from gptoss_mlx.convert.converter import model_config, output_config, plan_conversion, side_folders
 from gptoss_mlx.convert.safetensors_io import (
+    DTYPES,
     SafetensorsError,
     StoredTensor,
     TensorSpec,
@@ -173,15 +174,13 @@ def _read_part(stored: StoredTensor, piece: Piece, spec: TensorSpec, part: Cut) 
         data = _read_index(stored, index)
     except SafetensorsError as e:
         raise ModelLoadError(str(e)) from None
-    data = np.ascontiguousarray(data).view(_NP_DTYPES[spec.dtype]).reshape(shape)
+    data = np.ascontiguousarray(data).view(DTYPES[spec.dtype]).reshape(shape)
     out = mx.array(data)
     return out.view(dtype) if out.dtype != dtype else out
 
 
 _MAX_ROW_READS = 1024  # a cut of axis 1 reads row by row up to this many rows (experts), else
 # whole rows in chunks
-_NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "U8": np.uint8,
-              "I8": np.int8, "U32": np.uint32, "I32": np.int32}
 _MX_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U8": mx.uint8,
               "I8": mx.int8, "U32": mx.uint32, "I32": mx.int32}
 

@@ -33,6 +33,7 @@ from typing import Any
 from gptoss_mlx.chat.forcing import ToolCallForcing
 from gptoss_mlx.chat.harmony import HarmonyRenderer, today
 from gptoss_mlx.chat.tokenizer import Tokenizer
+from gptoss_mlx.distributed import exit_if_peer_lost
 from gptoss_mlx.generate import (
     DEFAULT_PREFILL_CHUNK,
     Done,
@@ -226,6 +227,8 @@ class Engine:
                 return
             for generation, event in self._step(jobs):
                 job = jobs[generation]
+                if isinstance(event, Exception):
+                    exit_if_peer_lost(event)  # ... when another rank of a distributed run is gone
                 job.emit(event)
                 if isinstance(event, Exception):
                     log.error("generation failed", exc_info=event)
@@ -242,6 +245,7 @@ class Engine:
         try:
             return self._batch.step()
         except Exception as exc:
+            exit_if_peer_lost(exc)
             log.exception("the batch failed")
             for generation in self._batch.generations:
                 generation.cache.reset()

@@ -1,0 +1,268 @@
+"""One model on two ranks through `mx.distributed` (the ring backend over loopback), run as a user
+would: `mlx.launch -n 2 -- gptoss-mlx ...`, or the two ranks started by hand with the environment
+`mlx.launch` gives them, so each rank's exit status and timing can be checked.
+
+The oracle for what the two ranks print is the single process on the same model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from serving import HOST, free_port
+
+from gptoss_mlx.model.local_ranks import launch_command
+
+GPTOSS = ["-m", "gptoss_mlx"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`mlx.launch -n 2 --backend ring -- gptoss-mlx ARGS` on this machine."""
+    return subprocess.run(launch_command(2, [*GPTOSS, *args]), capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def by_hand(*args: str, ranks: tuple[int, ...] = (0, 1), **env: str) -> list[subprocess.Popen]:
+    """The ranks started as `mlx.launch` starts them (MLX_RANK, a ring hostfile), each its own
+    process with its own exit status."""
+    hostfile = Path(os.environ.get("TMPDIR", "/tmp")) / f"gptoss-ring-{os.getpid()}.json"
+    hostfile.write_text(json.dumps([[f"{HOST}:{free_port()}"], [f"{HOST}:{free_port()}"]]))
+    return [subprocess.Popen([sys.executable, *GPTOSS, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             env={**ENV, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), **env})
+            for r in ranks]
+
+
+def test_generate_on_two_ranks_prints_the_single_process_text(tiny_model_dir: Path) -> None:
+    args = ("generate", "-m", str(tiny_model_dir), "-p", "Name three rivers.", "--raw",
+            "--temperature", "0", "--max-tokens", "24")
+    single = subprocess.run([sys.executable, *GPTOSS, *args], capture_output=True, text=True,
+                            timeout=120, env=ENV)
+    assert single.returncode == 0, single.stderr
+    two = launch(*args)
+    assert two.returncode == 0, two.stderr
+    assert "[WARN]" not in two.stderr, two.stderr  # mlx.launch warns of a rank exiting non-zero
+    assert two.stdout == single.stdout  # once: the follower prints nothing
+    assert two.stdout.count("<|start|>assistant") == single.stdout.count("<|start|>assistant")
+    for r in (0, 1):  # each rank's share, before loading
+        assert f"memory plan (rank {r} of 2): " in two.stderr
+    assert two.stderr.count("prompt: ") == 1  # stats from rank 0 only
+
+
+@pytest.fixture()
+def two_rank_server(tiny_model_dir: Path) -> Iterator[int]:
+    """`serve` under `mlx.launch -n 2`; yields rank 0's port."""
+    port = free_port()
+    proc = subprocess.Popen(launch_command(2, [*GPTOSS, "serve", "-m", str(tiny_model_dir),
+                                               "--port", str(port), "--log-level", "warning"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)  # a group of its own, as on a terminal
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the two-rank server did not start"
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5):
+                break
+        except OSError:
+            time.sleep(0.3)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        proc.kill()  # mlx.launch itself may linger after a Ctrl-C (not our process)
+        _, err = proc.communicate()
+        for p in alive:
+            p.kill()
+        assert not alive, err
+        assert "error:" not in err, err  # rank 1 exited cleanly when rank 0 let it go
+
+
+def test_serve_on_two_ranks_answers_the_official_client(
+    tiny_model_dir: Path, two_rank_server: int
+) -> None:
+    from openai import OpenAI
+    from serving import running
+
+    from gptoss_mlx import load
+    from gptoss_mlx.server.app import create_app
+    from gptoss_mlx.server.engine import Engine
+
+    def answers(port: int) -> list[tuple[dict, int]]:
+        client = OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="unused", max_retries=0)
+
+        def ask(topic: str) -> tuple[dict, int]:
+            r = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Tell me about {topic}."}],
+                temperature=0, max_tokens=12)
+            details = r.usage.prompt_tokens_details if r.usage else None
+            return ({"message": r.choices[0].message.model_dump(),
+                     "finish": r.choices[0].finish_reason},
+                    details.cached_tokens or 0 if details else 0)
+
+        first = [ask("rivers"), ask("rivers")]  # the second reuses the first's prompt cache
+        with ThreadPoolExecutor(2) as pool:  # two generations at once, each with its own cache
+            both = list(pool.map(ask, ["lakes", "seas"]))
+        return first + both
+
+    got = answers(two_rank_server)
+    model, tokenizer = load(tiny_model_dir)
+    with running(create_app(Engine(model, tokenizer), "tiny")) as port:
+        want = answers(port)
+    assert [answer for answer, _ in got] == [answer for answer, _ in want]
+    assert got[1][1] > 0  # cached tokens: the prompt cache works across ranks
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killing_one_rank_mid_generation_ends_the_other_with_one_error(
+    tiny_model_dir: Path, victim: int
+) -> None:
+    ranks = by_hand("generate", "-m", str(tiny_model_dir), "-p", "Count to a million.", "--raw",
+                    "--temperature", "1", "--seed", "0")
+    try:
+        assert ranks[0].stdout is not None
+        assert ranks[0].stdout.read(1), ranks[0].communicate()[1]  # generating
+        ranks[victim].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        survivor = ranks[1 - victim]
+        _, err = survivor.communicate(timeout=30)
+        took = time.monotonic() - killed
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert survivor.returncode == 1
+    assert took < 10, f"the survivor took {took:.1f} s to exit"
+    lines = err.decode().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [f"error: rank {1 - victim} of 2: rank {victim} is gone (it exited); "
+                      "ending every rank"], err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_a_rank_that_cannot_connect_gives_up_with_one_error(tiny_model_dir: Path) -> None:
+    (alone,) = by_hand("generate", "-m", str(tiny_model_dir), "-p", "Hi", ranks=(1,),
+                       GPTOSS_MLX_CONNECT_TIMEOUT="2")
+    _, err = alone.communicate(timeout=60)
+    assert alone.returncode != 0
+    assert err.decode().strip().splitlines()[-1] == (
+        "error: rank 1: could not connect to the other ranks within 2 s (backend ring); is "
+        "every rank started, and the hostfile right? ($GPTOSS_MLX_CONNECT_TIMEOUT)")
+
+
+def plan(model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *GPTOSS, "plan", "-m", str(model), *args],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+
+
+def test_plan_splits_the_kv_cache_by_heads_and_says_whether_it_fits(tiny_model_dir: Path) -> None:
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    ctx = 1024
+    r = plan(tiny_model_dir, "--ranks", "2", "--memory-per-rank", "64GB", "--max-context",
+             str(ctx))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == [
+        "memory plan (rank 0 of 2)", "memory plan (rank 1 of 2)"]
+    assert lines[2].startswith("fits: 2 ranks of 64.00 GB")
+    # the KV cache from config.json: keys and values of half the KV heads, bf16; full layers
+    # hold the context (in steps of 256), sliding ones window + 1024 + 256 positions
+    per_token = 2 * cfg["num_key_value_heads"] // 2 * cfg["head_dim"] * 2
+    sliding = sum(t == "sliding_attention" for t in cfg["layer_types"])
+    full = cfg["num_hidden_layers"] - sliding
+    kv = per_token * (full * ctx + sliding * (cfg["sliding_window"] + 1024 + 256))
+    assert f"KV cache {kv / 1e6:.1f} MB" in lines[0]
+    total = float(lines[0].split(": ")[1].split(" MB")[0]) * 1e6
+
+    tight = plan(tiny_model_dir, "--ranks", "2", "--memory-per-rank", f"{int(total * 0.9)}",
+                 "--max-context", str(ctx))
+    assert tight.returncode == 1
+    assert tight.stderr.startswith("Error: does not fit on rank 0: ")
+    assert "--max-context" in tight.stderr  # what would fit
+
+    odd = plan(tiny_model_dir, "--ranks", "3")
+    assert odd.returncode == 1
+    assert odd.stderr.strip().endswith(
+        f"3 ranks: num_key_value_heads={cfg['num_key_value_heads']} does not split into 3 "
+        "equal parts")
+
+
+def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one process: rank 0's messages are recorded, then replayed to `follow`; every KV cache
+    rank 0 still holds is mirrored position for position (reuse by prefix, a generation closed
+    early with a step queued, a cache trimmed back, caches dropped and freed)."""
+    import gc
+
+    import mlx.core as mx
+    import numpy as np
+
+    from gptoss_mlx import distributed, load
+    from gptoss_mlx.generate import PromptCache, stream
+
+    sent: list[np.ndarray] = []
+
+    def record_or_replay(message: np.ndarray | None) -> np.ndarray:
+        if message is not None:
+            sent.append(message.copy())
+            return message
+        return sent.pop(0)
+
+    monkeypatch.setattr(distributed, "_exchange", record_or_replay)
+    model, tokenizer = load(tiny_model_dir)
+    leader = distributed.Leader(model)
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+
+    def run(cache: PromptCache, prompt: list[int], n: int, stop_after: int | None = None) -> None:
+        events = stream(leader, tokenizer, prompt, cache=cache, max_tokens=n,
+                        stop_tokens=frozenset())
+        for i, _ in enumerate(events):
+            if stop_after is not None and i + 1 == stop_after:
+                events.close()  # the next step is already queued: the cache is trimmed back
+                break
+
+    kept, other = PromptCache(leader), PromptCache(leader)
+    run(kept, ids[:20], 6)
+    run(kept, ids[:30], 5, stop_after=2)  # reuses the first 20, stops early
+    run(other, ids[5:25], 4)
+    run(kept, ids[:12], 3)  # trimmed back into the prompt
+    del other
+    gc.collect()  # its id goes to the followers with the next message
+    run(PromptCache(leader), ids[:8], 2)
+    gc.collect()
+    leader.finish(0)
+
+    mirrors: dict[int, list] = {}
+    assert distributed.follow(model, mirrors) == 0
+    assert not sent  # every message was consumed
+    (cid,) = mirrors  # the dropped caches were freed on the follower too
+    for ours, theirs in zip(kept.layers, mirrors[cid], strict=True):
+        assert ours.offset == theirs.offset == len(kept.tokens)
+        held = ours.offset - getattr(ours, "start", 0)
+        assert getattr(ours, "start", 0) == getattr(theirs, "start", 0)
+        for a, b in zip(ours.state, theirs.state, strict=True):
+            assert np.array_equal(np.array(a[:, :, :held].astype(mx.float32)),
+                                  np.array(b[:, :, :held].astype(mx.float32)))
+
+
+def test_prompt_from_stdin_is_refused_under_the_launcher(tiny_model_dir: Path) -> None:
+    (rank,) = by_hand("generate", "-m", str(tiny_model_dir), "-p", "-", ranks=(0,))
+    _, err = rank.communicate(b"never read", timeout=60)
+    assert rank.returncode == 2  # a usage error, before waiting for the other rank
+    assert err.decode().strip().splitlines()[-1] == (
+        "Error: -p - cannot read stdin under mlx.launch, which never closes the ranks' stdin; "
+        'give the prompt itself: -p "$(cat FILE)"')
