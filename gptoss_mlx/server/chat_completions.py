@@ -18,10 +18,12 @@ from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, new_id
 from gptoss_mlx.server.prompting import (
+    answer_schema,
     function_tools,
     render_prompt,
+    response_format_text,
     sampling_params,
-    tool_forcing,
+    turn_constraint,
 )
 from gptoss_mlx.server.schemas import ChatCompletionRequest
 from gptoss_mlx.server.transport import event_stream, sse
@@ -64,13 +66,21 @@ async def chat_completions(
     tools = function_tools([t.model_dump(exclude_none=True) for t in body.tools or ()],
                            body.tool_choice)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    fmt = body.response_format
+    spec = fmt.json_schema if fmt else None
+    answer = answer_schema(fmt.type if fmt else None, spec.schema_ if spec else None,
+                           "response_format.json_schema.schema")
     prompt = await run_in_threadpool(
-        render_prompt, engine, messages, tools=tools, effort=body.effort, param="messages"
+        render_prompt, engine, messages, tools=tools, effort=body.effort, param="messages",
+        response_format=response_format_text(spec.name, spec.description, answer)
+        if spec else None,
     )
     max_tokens = body.max_completion_tokens or body.max_tokens
+    constraint = await run_in_threadpool(
+        lambda: turn_constraint(engine, tools, body.tool_choice, prompt, max_tokens,
+                                answer=answer, strict_tools=request.app.state.strict_tools))
     job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=max_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice,
-                                            prompt, max_tokens))
+                        forcing=constraint)
     gen = Generation(job, OutputBuilder(body.stop_strings))
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
