@@ -40,9 +40,9 @@ from .tokenizer import END, Tokenizer
 # Allowed tokens keep at least this logit (far below any a model gives, and within float16), so
 # one of them is sampled even when the logits rule them all out (-inf).
 _FLOOR = -1e4
-# JSON whitespace: one optional newline and some indentation between tokens, so pretty-printed
-# JSON passes but no slot takes unbounded whitespace (a model that loops on blanks would never end).
-JSON_OPTIONS = {"whitespace_pattern": r"\n?[ \t]{0,24}"}
+# Compact JSON, no whitespace between tokens, as OpenAI's structured outputs write it (and no
+# blank run a looping model could extend forever).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 TEXT = r"/(.|\n)*/"
 
 
@@ -212,7 +212,7 @@ def _template(tokenizer: Tokenizer, spec_key: str) -> tuple[_Compiled, Any]:
 def _spec_key(spec: TurnSpec) -> str:
     return json.dumps({"final": spec.final, "answer_schema": spec.answer_schema,
                        "functions": [[f.name, f.parameters] for f in spec.functions]},
-                      sort_keys=True)
+                      )  # not sorted: the order of properties is the order they are written in
 
 
 class TurnConstraint:
@@ -270,7 +270,8 @@ class TurnConstraint:
         left = None if self.budget is None else self.budget - n_generated  # this one included
         if left is None or not self.spec.forced_end:
             return allowed
-        if self._in_reasoning and left <= self._room:  # end it so the answer fits
+        # end it so the answer fits (once a character split across tokens is complete)
+        if self._in_reasoning and left <= self._room and allowed[END]:
             only_end = np.zeros_like(allowed)
             only_end[END] = True
             return only_end

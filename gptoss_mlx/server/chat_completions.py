@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gptoss_mlx.chat.harmony import response_format_section
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, new_id
@@ -21,7 +22,6 @@ from gptoss_mlx.server.prompting import (
     answer_schema,
     function_tools,
     render_prompt,
-    response_format_text,
     sampling_params,
     turn_constraint,
 )
@@ -72,7 +72,7 @@ async def chat_completions(
                            "response_format.json_schema.schema")
     prompt = await run_in_threadpool(
         render_prompt, engine, messages, tools=tools, effort=body.effort, param="messages",
-        response_format=response_format_text(spec.name, spec.description, answer)
+        response_format=response_format_section(spec.name, spec.description, answer)
         if spec else None,
     )
     max_tokens = body.max_completion_tokens or body.max_tokens

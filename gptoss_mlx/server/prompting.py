@@ -3,7 +3,6 @@ rendering through the chat package, and the context-length check."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -116,18 +115,6 @@ def turn_constraint(engine: Engine, tools: Sequence[Mapping[str, Any]], tool_cho
                           param="tools") from exc
 
 
-def response_format_text(name: str | None, description: str | None,
-                         schema: dict[str, Any] | bool | None) -> str | None:
-    """The developer message's `# Response Formats` section harmony describes for a schema."""
-    if schema is None:
-        return None
-    lines = ["# Response Formats", "", f"## {name or 'response'}", ""]
-    if description:
-        lines.append(f"// {description}")
-    lines.append(json.dumps(schema, separators=(",", ":")))
-    return "\n".join(lines)
-
-
 def sampling_params(req: SamplingFields) -> SamplingParams:
     """The request's sampling settings (OpenAI's defaults for gpt-oss: temperature 1, top_p 1)."""
     defaults = SamplingParams()
@@ -152,7 +139,7 @@ def render_prompt(
     """OpenAI chat messages as harmony prompt ids, checked against the context window.
 
     `param` names the request field the messages came from, for error bodies;
-    `response_format` (see `response_format_text`) goes into the developer message.
+    `response_format` (see `chat.harmony.response_format_section`) goes into the developer message.
     """
     options = SystemOptions(reasoning_effort=effort or "medium", current_date=engine.current_date)
     if response_format:

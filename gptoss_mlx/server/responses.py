@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gptoss_mlx.chat.harmony import response_format_section
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError, bad_request
 from gptoss_mlx.server.output import Generation, Item, OutputBuilder, OutputEvent, new_id
@@ -26,7 +27,6 @@ from gptoss_mlx.server.prompting import (
     answer_schema,
     function_tools,
     render_prompt,
-    response_format_text,
     sampling_params,
     turn_constraint,
 )
@@ -277,7 +277,7 @@ async def responses(
                            "text.format.schema")
     prompt = await run_in_threadpool(
         render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input",
-        response_format=response_format_text(fmt.name, fmt.description, answer) if fmt else None,
+        response_format=response_format_section(fmt.name, fmt.description, answer) if fmt else None,
     )
     constraint = await run_in_threadpool(
         lambda: turn_constraint(engine, tools, body.tool_choice, prompt, body.max_output_tokens,
