@@ -94,7 +94,8 @@ def schema_error(schema: Mapping[str, Any] | bool) -> str | None:
     marker = "failed to compile JSON schema: "
     if marker in message:
         message = message.split(marker, 1)[1]
-    return message.strip().splitlines()[0] if message.strip() else "invalid schema"
+    lines = [line.strip() for line in message.splitlines()]  # a regex error spans lines
+    return " ".join(line for line in lines if line.strip("^")) or "invalid schema"
 
 
 def check_schema(schema: Any, where: str) -> dict[str, Any] | bool:

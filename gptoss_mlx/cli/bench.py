@@ -38,8 +38,12 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--compare", is_flag=True,
               help="Also run mlx-lm (mlx_lm.stream_generate) on the same folder; print the "
                    "speed ratios ours / mlx-lm. mlx-lm loads its own copy of the weights.")
+@click.option("--schema-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Tokens of a JSON-schema answer to time the constraint's cost per token on "
+                   "(0: skip).")
 def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
-                  repetitions: int, experts: tuple[str, ...], compare: bool) -> None:
+                  repetitions: int, experts: tuple[str, ...], compare: bool,
+                  schema_tokens: int) -> None:
     """Benchmark prefill and decode on MODEL: tokens per second, time to first token, peak
     memory and decode's share of the chip's memory bandwidth. The table goes to stdout, progress
     and ratios to stderr."""
@@ -110,3 +114,5 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     if compare:
         for a in ours:
             click.echo(bench.format_ratios(results, a, "mlx-lm"), err=True)
+    if schema_tokens:
+        click.echo(str(bench.constraint_cost(model, tokenizer, schema_tokens)), err=True)
