@@ -192,8 +192,22 @@ class JSONSchemaFormat(_Lenient):
     strict: bool | None = None
 
 
+def _schema_rule(holder: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI statement of `_schema_given`: type json_schema needs a schema object."""
+    return {"anyOf": [{"properties": {"type": {"enum": ["text", "json_object"]}}},
+                      {"required": ["type", *holder["required"]],
+                       "properties": holder["properties"]}]}
+
+
+_SCHEMA_OBJECT = {"required": ["schema"], "properties": {"schema": {"type": "object"}}}
+
+
 class ResponseFormat(_Lenient):
     """Chat's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_schema_rule({
+        "required": ["json_schema"],
+        "properties": {"json_schema": {"type": "object", **_SCHEMA_OBJECT}}}))
 
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JSONSchemaFormat | None = None
@@ -208,6 +222,8 @@ class ResponseFormat(_Lenient):
 
 class TextFormat(_Lenient):
     """Responses' `text.format`: as chat's response format, its schema fields flattened."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_schema_rule(_SCHEMA_OBJECT))
 
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
