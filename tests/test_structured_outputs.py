@@ -246,3 +246,28 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_it(
     assert error["param"] == {"chat": "response_format.json_schema.schema",
                               "responses": "text.format.schema",
                               "strict tool": "tools[0].parameters"}[where]
+
+
+@pytest.mark.parametrize("strict_tools", [True, False], ids=["default", "no-strict-tools"])
+def test_tools_are_strict_by_default_and_no_strict_tools_frees_them(
+        server: LoopbackServer, strict_tools: bool) -> None:
+    """A tool that does not say `strict`: its arguments start as a JSON object by default; with
+    `serve --no-strict-tools` they are the random model's free text (it never writes JSON)."""
+    app = server.capture.app
+    app.state.strict_tools = strict_tools
+    try:
+        for seed in range(3):
+            (choice,) = server.client().chat.completions.create(
+                model=server.model_id, messages=[{"role": "user", "content": QUESTION}],
+                tools=[{"type": "function", "function": {"name": "get_weather",
+                                                         "parameters": PARAMETERS}}],
+                tool_choice="required", seed=seed, max_completion_tokens=MAX_TOKENS).choices
+            (call,) = choice.message.tool_calls
+            if strict_tools:
+                assert choice.finish_reason == "tool_calls"
+                jsonschema.validate(json.loads(call.function.arguments), PARAMETERS)
+            else:
+                assert not call.function.arguments.startswith("{")
+    finally:
+        app.state.strict_tools = True
+    server.check()

@@ -223,7 +223,10 @@ def _format_json(body: ResponsesRequest) -> dict[str, Any]:
     fmt = body.text.format if body.text else None
     if fmt is None:
         return {"type": "text"}
-    return fmt.model_dump(by_alias=True, exclude_none=True)
+    out = fmt.model_dump(by_alias=True, exclude_none=True)
+    if fmt.type == "json_schema":
+        out.setdefault("name", "response")  # the Response object's format names its schema
+    return out
 
 
 def _tool_choice_json(choice: Any) -> Any:
