@@ -40,9 +40,9 @@ from .tokenizer import END, Tokenizer
 # Allowed tokens keep at least this logit (far below any a model gives, and within float16), so
 # one of them is sampled even when the logits rule them all out (-inf).
 _FLOOR = -1e4
-# Compact JSON, no whitespace between tokens, as OpenAI's structured outputs write it (and no
-# blank run a looping model could extend forever).
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# JSON on one line, compact or with one space between tokens (as json.dumps writes it): no run of
+# blanks a looping model could extend forever.
+JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
 TEXT = r"/(.|\n)*/"
 
 

@@ -100,10 +100,9 @@ def turn_constraint(engine: Engine, tools: Sequence[Mapping[str, Any]], tool_cho
     if forced and not tools:
         raise bad_request("tool_choice asks for a function call but no function tools were given",
                           param="tool_choice")
-    strict = strict_tools or any(_strict(t) for t in tools)
-    if not forced and answer is None and not (tools and strict):
-        return None
     functions = tuple(_function(t, i, strict_tools) for i, t in enumerate(tools))
+    if not forced and answer is None and all(f.parameters is None for f in functions):
+        return None  # nothing strict: the turn stays free
     budget = engine.context_length - len(prompt)
     if max_tokens is not None:
         budget = min(budget, max_tokens)
