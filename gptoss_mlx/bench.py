@@ -355,3 +355,82 @@ def format_ratios(results: Sequence[Result], ours: str, theirs: str) -> str:
         line += "; host CPU per decoded token " + ", ".join(
             f"{n} {x:.2f}x" for n, x in host.items())
     return line
+
+
+# A structured answer of every kind the constraint handles (nested object, array, enum, number,
+# a string with a pattern), for `constraint_cost`.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "pattern": "^[A-Z][a-z]{1,20}$"},
+        "temperature": {"type": "number"},
+        "days": {"type": "array", "items": {"type": "integer"}},
+        "wind": {"type": "object", "properties": {"kmh": {"type": "integer"},
+                                                  "dir": {"enum": ["N", "E", "S", "W"]}},
+                 "required": ["kmh", "dir"], "additionalProperties": False},
+    },
+    "required": ["city", "temperature", "days", "wind"],
+    "additionalProperties": False,
+}
+
+
+class _Timed:
+    """A logits processor timed on its own: the forward pass is evaluated first, so only the
+    processor's work (and applying its result) is counted."""
+
+    def __init__(self, inner: Callable[[Sequence[int], mx.array], mx.array]):
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def __call__(self, generated: Sequence[int], logits: mx.array) -> mx.array:
+        mx.eval(logits)
+        start = time.perf_counter()
+        out = self.inner(generated, logits)
+        mx.eval(out)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+@dataclass(frozen=True)
+class ConstraintCost:
+    """Decode milliseconds per token without and with a JSON-schema answer, and the constraint's
+    own share (its mask computed and applied)."""
+
+    plain_ms: float
+    constrained_ms: float
+    constraint_ms: float
+    tokens: int
+
+    def __str__(self) -> str:
+        return (f"JSON schema: decode {self.constrained_ms:.2f} ms/token with it, "
+                f"{self.plain_ms:.2f} without; the constraint itself "
+                f"{self.constraint_ms:.3f} ms/token ({self.tokens} tokens)")
+
+
+def constraint_cost(model: Any, tokenizer: Any, max_tokens: int = 128,
+                    schema: dict[str, Any] | None = None, seed: int = 0) -> ConstraintCost:
+    """Generate one answer (temperature 1, `seed`) with and without `schema` constraining it
+    (default BENCH_SCHEMA), both through a processor so the decode loop is the same; the
+    reasoning before the answer is constrained too (free text, harmony's headers)."""
+    from gptoss_mlx.chat.forcing import TurnConstraint, TurnSpec
+    from gptoss_mlx.chat.harmony import HarmonyRenderer
+    from gptoss_mlx.generate import TokenEvent, stream
+    from gptoss_mlx.sampling import SamplingParams
+
+    prompt = HarmonyRenderer(tokenizer).render_chat(
+        [{"role": "user", "content": "The weather in Paris, as JSON."}])
+    spec = TurnSpec(answer_schema=schema or BENCH_SCHEMA)
+    TurnConstraint(tokenizer, spec, max_tokens)  # builds the vocabulary's matcher once, untimed
+
+    def run(processor: _Timed) -> tuple[float, int]:
+        times = []
+        for event in stream(model, tokenizer, prompt, sampling=SamplingParams(seed=seed),
+                            max_tokens=max_tokens, logits_processors=[processor]):
+            if isinstance(event, TokenEvent):
+                times.append(time.perf_counter())
+        return (times[-1] - times[0]) / max(len(times) - 1, 1), len(times)
+
+    plain, _ = run(_Timed(lambda generated, logits: logits))
+    timed = _Timed(TurnConstraint(tokenizer, spec, max_tokens))
+    constrained, n = run(timed)
+    return ConstraintCost(plain * 1e3, constrained * 1e3, timed.seconds / timed.calls * 1e3, n)

@@ -147,7 +147,7 @@ def test_ratios_are_medians_of_paired_runs() -> None:
 def test_bench_cli_prints_the_table(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(
         main, ["bench", "-m", str(tiny_model_dir), "-p", "16", "-n", "4", "-d", "32", "-r", "2",
-               "--experts", "mlx"],
+               "--experts", "mlx", "--schema-tokens", "24"],
     )
     assert result.exit_code == 0, result.output + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
@@ -161,12 +161,14 @@ def test_bench_cli_prints_the_table(tiny_model_dir: Path) -> None:
     if not mx.metal.is_available():
         assert rows[3].count("n/a (CPU)") == 1 and rows[4].count("n/a (CPU)") == 1
     assert "memory plan:" in result.stderr
+    assert re.search(r"JSON schema: decode \d+\.\d\d ms/token with it, \d+\.\d\d without; the "
+                     r"constraint itself \d+\.\d\d\d ms/token \(\d+ tokens\)", result.stderr)
 
 
 def test_bench_cli_compares_with_mlx_lm(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(
         main, ["bench", "-m", str(tiny_model_dir), "-p", "16", "-n", "4", "-d", "", "-r", "1",
-               "--experts", "mlx", "--compare"],
+               "--experts", "mlx", "--compare", "--schema-tokens", "0"],
     )
     assert result.exit_code == 0, result.output + result.stderr
     runtimes = [row.split("|")[3].strip() for row in result.stdout.splitlines()[2:]]

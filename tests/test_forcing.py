@@ -13,7 +13,7 @@ import mlx.core as mx
 import openai_harmony as oh
 import pytest
 
-from gptoss_mlx.chat.forcing import ToolCallForcing
+from gptoss_mlx.chat.forcing import Function, TurnConstraint, TurnSpec
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import Done, TokenEvent, stream
@@ -62,6 +62,12 @@ class Prefers:
         return logits
 
 
+def forcing(tok: Tokenizer, functions: list[str], budget: int | None = None) -> TurnConstraint:
+    """tool_choice "required" (or named) over `functions`, arguments free."""
+    spec = TurnSpec(final=False, functions=tuple(Function(n) for n in functions))
+    return TurnConstraint(tok, spec, budget)
+
+
 def generate(model: Any, tok: Tokenizer, prompt: list[int], processors: list[Any],
              **kw: Any) -> tuple[list[int], Done]:
     ids, done = [], None
@@ -105,7 +111,7 @@ def test_every_sampled_turn_is_a_call_to_an_offered_function(loaded, prompt,
     names = set()
     for seed in range(16):
         max_tokens = 20 + seed  # from no room to reason to some reasoning first
-        ids, done = generate(model, tok, prompt, [ToolCallForcing(tok, functions, max_tokens)],
+        ids, done = generate(model, tok, prompt, [forcing(tok, functions, max_tokens)],
                              sampling=SamplingParams(seed=seed), max_tokens=max_tokens)
         names.add(assert_forced_call(tok, ids, functions))
         # random weights hardly ever end the arguments: the call is cut off, not finished
@@ -126,7 +132,7 @@ def test_every_sampled_turn_is_a_call_to_an_offered_function(loaded, prompt,
 def test_what_the_model_would_write_instead_becomes_a_call(loaded, prompt, text: str) -> None:
     model, tok = loaded
     prefers = Prefers(model, tok, text, len(prompt))
-    ids, _ = generate(prefers, tok, prompt, [ToolCallForcing(tok, ["get_weather"], 40)],
+    ids, _ = generate(prefers, tok, prompt, [forcing(tok, ["get_weather"], 40)],
                       sampling=SamplingParams(temperature=0), max_tokens=40)
     assert assert_forced_call(tok, ids, ["get_weather"]) == "get_weather"
 
@@ -142,7 +148,7 @@ def test_a_call_the_model_writes_itself_is_kept(loaded, prompt, text: str,
     """Both places harmony allows the recipient in; the tokens are the model's own."""
     model, tok = loaded
     prefers = Prefers(model, tok, text, len(prompt))
-    ids, done = generate(prefers, tok, prompt, [ToolCallForcing(tok, functions, 64)],
+    ids, done = generate(prefers, tok, prompt, [forcing(tok, functions, 64)],
                          sampling=SamplingParams(temperature=0), max_tokens=64)
     assert ids == tok.encode(text, allow_special=True)
     assert done.stats.finish_reason == "tool_calls"
@@ -161,7 +167,7 @@ def test_call_headers_are_tokenized_as_openai_harmony_renders_them(loaded) -> No
     prompt = HarmonyRenderer(tok).render_chat([{"role": "user", "content": "x"}], tools=TOOLS)
     # the model wants the role form's first token; forcing decides the rest by its mask
     prefers = Prefers(model, tok, tok.decode(header[:1]), len(prompt))
-    ids, _ = generate(prefers, tok, prompt, [ToolCallForcing(tok, FUNCTIONS[:1], 32)],
+    ids, _ = generate(prefers, tok, prompt, [forcing(tok, FUNCTIONS[:1], 32)],
                       sampling=SamplingParams(temperature=0), max_tokens=32)
     assert ids[:len(header)] == header
 
@@ -171,8 +177,8 @@ def test_reasoning_closes_in_time_for_the_call(loaded, prompt) -> None:
     model, tok = loaded
     endless = "<|channel|>analysis<|message|>" + " think" * 200
     prefers = Prefers(model, tok, endless, len(prompt))
-    ids, _ = generate(prefers, tok, prompt, [ToolCallForcing(tok, FUNCTIONS, 60)],
-                      sampling=SamplingParams(temperature=0), max_tokens=60)
+    ids, _ = generate(prefers, tok, prompt, [forcing(tok, FUNCTIONS, 120)],
+                      sampling=SamplingParams(temperature=0), max_tokens=120)
     assert harmony_turn(tok, ids)[0] == ("analysis", None, "")
     assert assert_forced_call(tok, ids, FUNCTIONS) in FUNCTIONS
     assert tok.decode(ids).count(" think") > 20  # it did reason as long as the budget allowed
@@ -197,9 +203,9 @@ def test_processors_see_every_token_before_the_next_step(loaded, prompt) -> None
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
 def test_an_allowed_token_is_sampled_even_when_the_logits_rule_all_out(loaded, dtype) -> None:
     _, tok = loaded
-    forcing = ToolCallForcing(tok, ["get_weather"])
+    constraint = forcing(tok, ["get_weather"])
     logits = mx.full((1, tok.vocab_size), -mx.inf, dtype=dtype)
     first = {tok.encode(t, allow_special=True)[0] for t in ("<|channel|>", " to")}
     for seed in range(4):
-        sampled = mx.random.categorical(forcing([], logits), key=mx.random.key(seed))
+        sampled = mx.random.categorical(constraint([], logits), key=mx.random.key(seed))
         assert int(sampled.item()) in first

@@ -305,3 +305,54 @@ def test_full_disk_is_one_error_line(tiny_model_dir: Path) -> None:
         )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "No space left" in r.stderr, r.stderr
+
+
+SCHEMA = {"type": "object", "properties": {
+    "word": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+    "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2}},
+    "required": ["word", "n", "tags"], "additionalProperties": False}
+
+
+def test_json_schema_answers_json_that_validates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Random weights never write JSON by themselves: the schema makes the answer."""
+    import jsonschema
+
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA))
+    args = ("generate", "-m", str(tiny_model_dir), "-p", "Pick a word.", "--max-tokens", "64",
+            "--json-schema", str(schema))
+    for seed in ("0", "1"):
+        r = cli(*args, "--seed", seed, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        jsonschema.validate(out["answer"], SCHEMA)
+        assert json.loads(out["channels"]["final"]) == out["answer"]
+    plain = cli(*args, "--seed", "2")
+    assert plain.returncode == 0, plain.stderr
+    jsonschema.validate(json.loads(plain.stdout), SCHEMA)
+
+
+def test_json_schema_answer_cut_off_is_an_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA))
+    r = cli("generate", "-m", str(tiny_model_dir), "-p", "Pick a word.", "--max-tokens", "8",
+            "--json-schema", str(schema), "--json")
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["finish_reason"] == "length"
+    assert "answer" not in json.loads(r.stdout)
+    assert "cut off (length) before its JSON was complete" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "not JSON"),
+    ('{"type": "object", "not": {}}', "not"),
+    ('{"type": "integer", "minimum": 3, "maximum": 1}', "minimum (3) is greater than maximum (1)"),
+])
+def test_json_schema_that_cannot_be_enforced_is_one_line(tmp_path: Path, text: str,
+                                                         needle: str) -> None:
+    """Refused before any model is loaded (the folder need not exist)."""
+    schema = tmp_path / "bad.json"
+    schema.write_text(text)
+    r = cli("generate", "-m", str(tmp_path / "no-model"), "-p", "x", "--json-schema", str(schema))
+    one_error_line(r, str(schema), needle)

@@ -64,6 +64,19 @@ class SystemOptions:
             )
 
 
+def response_format_section(name: str | None, description: str | None,
+                            schema: Mapping[str, Any] | bool | None) -> str | None:
+    """The `# Response Formats` section harmony puts in the developer message for an answer
+    that follows `schema` (None when there is no schema)."""
+    if schema is None:
+        return None
+    lines = ["# Response Formats", "", f"## {name or 'response'}", ""]
+    if description:
+        lines.append(f"// {description}")
+    lines.append(json.dumps(schema, separators=(",", ":")))
+    return "\n".join(lines)
+
+
 class ChatFormatError(ValueError):
     """A chat message or tool schema that cannot be rendered."""
 

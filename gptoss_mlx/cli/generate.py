@@ -30,7 +30,12 @@ from gptoss_mlx.cli.terminal import (
 @click.option("-p", "--prompt", default=None, help="The user message ('-' reads stdin).")
 @click.option("--raw", is_flag=True, help="Print the generated harmony text, markup included.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print channels, tool calls and stats as one JSON object.")
+              help="Print channels, tool calls and stats as one JSON object (with --json-schema, "
+                   "the answer parsed under 'answer').")
+@click.option("--json-schema", "schema_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Make the answer JSON that follows the JSON schema in FILE (reasoning stays "
+                   "free).")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, metavar="FILE.jsonl",
               help="Instead of -p: one chat-completions request body per line (messages, tools, "
@@ -42,12 +47,15 @@ from gptoss_mlx.cli.terminal import (
                    "stdout.")
 @interruptible
 def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bool,
-                     prompts: Path | None, output: Path | None, **opts: Any) -> None:
+                     schema_file: Path | None, prompts: Path | None, output: Path | None,
+                     **opts: Any) -> None:
     """Answer one prompt, or a file of chat-completions requests, with a gpt-oss model."""
     if prompts is not None:
-        if prompt is not None or raw or as_json or opts["system"] or opts["developer"]:
-            raise click.UsageError("--prompts reads each request's messages from its line; "
-                                   "-p, --raw, --json, --system and --developer do not apply")
+        if (prompt is not None or raw or as_json or schema_file or opts["system"]
+                or opts["developer"]):
+            raise click.UsageError("--prompts reads each request (messages, response_format) "
+                                   "from its line; -p, --raw, --json, --json-schema, --system "
+                                   "and --developer do not apply")
         from gptoss_mlx.cli.batch import run_batch
 
         return run_batch(model_path, prompts, output, opts)
@@ -57,10 +65,16 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
         raise click.UsageError("Missing option '-p' / '--prompt' (or --prompts FILE.jsonl).")
     if raw and as_json:
         raise click.UsageError("--raw and --json both print on stdout; choose one")
-    from gptoss_mlx.chat.harmony import HarmonyRenderer
+    from gptoss_mlx.chat.harmony import HarmonyRenderer, response_format_section
     from gptoss_mlx.chat.messages import Message
     from gptoss_mlx.distributed import launched
-    from gptoss_mlx.generate import ContextLengthError, Done, NonFiniteLogitsError, stream
+    from gptoss_mlx.generate import (
+        ContextLengthError,
+        Done,
+        NonFiniteLogitsError,
+        context_limit,
+        stream,
+    )
 
     if prompt == "-" and launched():
         raise click.UsageError("-p - cannot read stdin under mlx.launch, which never closes the "
@@ -69,10 +83,23 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
     if not prompt.strip():
         raise click.ClickException("the prompt is empty; expected some text to answer")
     check_instructions(opts)
+    schema = read_schema(schema_file) if schema_file is not None else None
     model, tokenizer = load_model(model_path, opts["max_context"])
+    instructions = "\n\n".join(filter(None, [
+        opts["developer"], response_format_section(schema_file and schema_file.stem, None,
+                                                   schema)]))
     ids = HarmonyRenderer(tokenizer).render_prompt(
-        [Message("user", prompt)], instructions=opts["developer"], options=system_options(opts)
+        [Message("user", prompt)], instructions=instructions or None,
+        options=system_options(opts)
     )
+    processors = []
+    if schema is not None:
+        from gptoss_mlx.chat.forcing import TurnConstraint, TurnSpec
+
+        budget = context_limit(model, opts["max_context"]) - len(ids)
+        if opts["max_tokens"] is not None:
+            budget = min(budget, opts["max_tokens"])
+        processors.append(TurnConstraint(tokenizer, TurnSpec(answer_schema=schema), budget))
 
     printer = ChannelPrinter(opts["show_reasoning"])
     raw_decoder = tokenizer.stream_decoder()
@@ -80,7 +107,7 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
     try:
         for event in stream(model, tokenizer, ids, sampling=sampling_params(opts),
                             max_tokens=opts["max_tokens"], progress=PrefillProgress(),
-                            max_context=opts["max_context"]):
+                            max_context=opts["max_context"], logits_processors=processors):
             if isinstance(event, Done):
                 done = event
             elif raw:
@@ -103,8 +130,34 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
     printer.close()
     assert done is not None
     if as_json:
-        click.echo(json.dumps(result_json(done), ensure_ascii=False))
+        result = result_json(done)
+        if schema is not None and done.stats.finish_reason == "stop":
+            result["answer"] = json.loads(done.text("final"))
+        click.echo(json.dumps(result, ensure_ascii=False))
     click.echo(done.stats.summary(), err=True)
+    if schema is not None and done.stats.finish_reason != "stop":
+        raise click.ClickException(
+            f"the answer was cut off ({done.stats.finish_reason}) before its JSON was complete; "
+            "raise --max-tokens")
+
+
+def read_schema(path: Path) -> Any:
+    """The JSON schema in `path`, checked to be one the answer can be held to (one error line
+    naming the file otherwise)."""
+    from gptoss_mlx.chat.forcing import SchemaError, check_schema
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"{path}: cannot read the schema: {e}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.ClickException(f"{path}: not JSON ({e}); expected a JSON schema") from None
+    try:
+        return check_schema(schema, str(path))
+    except SchemaError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def result_json(done: Any) -> dict[str, Any]:

@@ -87,13 +87,16 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
               help="Largest request body (e.g. 16MiB, 4MB); larger ones get a 413 unread.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", help="uvicorn's log level.")
+@click.option("--no-strict-tools", is_flag=True,
+              help="Constrain the arguments of only the tools marked strict: true to their "
+                   "schemas [default: every tool's].")
 @max_context_option
 @prompt_cache_options
 def serve_command(model_path: str, host: str, port: int, api_key: str | None,
                   model_id: str | None, cache_slots: int, max_batch: int | None,
                   max_queue: int, queue_timeout: float, max_body_size: int, log_level: str,
-                  max_context: int | None, prompt_cache_dir: Path | None,
-                  prompt_cache_bytes: int) -> None:
+                  no_strict_tools: bool, max_context: int | None,
+                  prompt_cache_dir: Path | None, prompt_cache_bytes: int) -> None:
     """Serve a model over an OpenAI-compatible HTTP API for coding assistants.
 
     SIGTERM or Ctrl-C ends the running generations (each stream gets its last event) and exits
@@ -129,7 +132,8 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
     engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=batch.batch,
                     max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context,
                     prompt_store=store)
-    app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size)
+    app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size,
+                     strict_tools=not no_strict_tools)
     config = uvicorn.Config(app, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     click.echo(f"serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", err=True)

@@ -78,9 +78,12 @@ def default_model_id(model_dir: str | Path, num_hidden_layers: int | None = None
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               strict_tools: bool = True) -> FastAPI:
     """An app serving `engine` under `model_id`; with `api_key`, every path but /health
-    requires it (checked before the body is read); bodies over `max_body_bytes` get a 413."""
+    requires it (checked before the body is read); bodies over `max_body_bytes` get a 413;
+    `strict_tools` constrains every tool call's arguments to its schema (else only those of
+    tools marked `strict: true`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,6 +96,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
     app = FastAPI(title="gptoss-mlx", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.model_id = model_id
+    app.state.strict_tools = strict_tools
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
     created = int(time.time())

@@ -14,16 +14,18 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gptoss_mlx.chat.harmony import response_format_section
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Generation, OutputBuilder, OutputEvent, OutputFeed, new_id
 from gptoss_mlx.server.prompting import (
     GenerationRequest,
     PromptContext,
+    answer_schema,
     function_tools,
     render_prompt,
     sampling_params,
-    tool_forcing,
+    turn_constraint,
 )
 from gptoss_mlx.server.schemas import ChatCompletionRequest
 from gptoss_mlx.server.transport import event_stream, sse
@@ -77,24 +79,34 @@ def _delta(event: OutputEvent) -> dict[str, Any] | None:
     return {"content": event.text}
 
 
-def prepare(context: PromptContext, body: ChatCompletionRequest) -> GenerationRequest:
-    """A chat-completions request rendered and checked (APIError 400 naming the field)."""
+def prepare(context: PromptContext, body: ChatCompletionRequest,
+            strict_tools: bool = True) -> GenerationRequest:
+    """A chat-completions request rendered and checked (APIError 400 naming the field), with
+    the constraint its tool_choice, strict tools (all of them with `strict_tools`) and
+    response_format ask for."""
     tools = function_tools([t.model_dump(exclude_none=True) for t in body.tools or ()],
                            body.tool_choice)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prompt = render_prompt(context, messages, tools=tools, effort=body.effort, param="messages")
+    fmt = body.response_format
+    spec = fmt.json_schema if fmt else None
+    answer = answer_schema(fmt.type if fmt else None, spec.schema_ if spec else None,
+                           "response_format.json_schema.schema")
+    prompt = render_prompt(
+        context, messages, tools=tools, effort=body.effort, param="messages",
+        response_format=response_format_section(spec.name, spec.description, answer)
+        if spec else None)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return GenerationRequest(
-        prompt, sampling_params(body), max_tokens,
-        tool_forcing(context, tools, body.tool_choice, prompt, max_tokens),
-        tuple(body.stop_strings))
+    constraint = turn_constraint(context, tools, body.tool_choice, prompt, max_tokens,
+                                 answer=answer, strict_tools=strict_tools)
+    return GenerationRequest(prompt, sampling_params(body), max_tokens, constraint,
+                             tuple(body.stop_strings))
 
 
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, engine: Engine, model_id: str
 ) -> JSONResponse | StreamingResponse:
     """Handle one chat-completions request."""
-    req = await run_in_threadpool(prepare, engine, body)
+    req = await run_in_threadpool(prepare, engine, body, request.app.state.strict_tools)
     job = engine.submit(req.prompt, sampling=req.sampling, max_tokens=req.max_tokens,
                         forcing=req.forcing)
     gen = Generation(job, OutputBuilder(req.stop))

@@ -30,7 +30,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gptoss_mlx.chat.forcing import ToolCallForcing
+from gptoss_mlx.chat.forcing import TurnConstraint
 from gptoss_mlx.chat.harmony import HarmonyRenderer, today
 from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.distributed import exit_if_peer_lost
@@ -63,7 +63,7 @@ class Job:
         sampling: SamplingParams,
         max_tokens: int | None,
         loop: asyncio.AbstractEventLoop,
-        forcing: ToolCallForcing | None = None,
+        forcing: TurnConstraint | None = None,
     ):
         self.prompt = list(prompt)
         self.sampling = sampling
@@ -195,7 +195,7 @@ class Engine:
 
     def submit(
         self, prompt: Sequence[int], *, sampling: SamplingParams, max_tokens: int | None,
-        forcing: ToolCallForcing | None = None,
+        forcing: TurnConstraint | None = None,
     ) -> Job:
         """Queue a generation; call from a coroutine (events go to the running loop), inside
         `admitted()` to count against the limits. `forcing` makes the answer a function call

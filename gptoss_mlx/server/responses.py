@@ -19,14 +19,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gptoss_mlx.chat.harmony import response_format_section
 from gptoss_mlx.server.engine import Engine
 from gptoss_mlx.server.errors import APIError, bad_request
 from gptoss_mlx.server.output import Generation, Item, OutputBuilder, OutputEvent, new_id
 from gptoss_mlx.server.prompting import (
+    answer_schema,
     function_tools,
     render_prompt,
     sampling_params,
-    tool_forcing,
+    turn_constraint,
 )
 from gptoss_mlx.server.schemas import ContentPart, InputItem, ResponsesRequest
 from gptoss_mlx.server.transport import event_stream, sse
@@ -149,6 +151,7 @@ class ResponseWriter:
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None,
                           "summary": None},
             "metadata": body.metadata or {},
+            "text": {"format": _format_json(body)},
             "error": None,
             "incomplete_details": None,
             "usage": None,
@@ -215,6 +218,17 @@ def _incomplete_reason(gen: Generation) -> str | None:
     return "max_output_tokens" if gen.generation_reason == "length" else None
 
 
+def _format_json(body: ResponsesRequest) -> dict[str, Any]:
+    """The request's `text.format` as the Response object echoes it."""
+    fmt = body.text.format if body.text else None
+    if fmt is None:
+        return {"type": "text"}
+    out = fmt.model_dump(by_alias=True, exclude_none=True)
+    if fmt.type == "json_schema":
+        out.setdefault("name", "response")  # the Response object's format names its schema
+    return out
+
+
 def _tool_choice_json(choice: Any) -> Any:
     if choice is None:
         return "auto"
@@ -261,12 +275,18 @@ async def responses(
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise bad_request(f"tools[{i}]: a function tool needs a name", param=f"tools[{i}]")
     effort = body.reasoning.effort if body.reasoning else None
+    fmt = body.text.format if body.text else None
+    answer = answer_schema(fmt.type if fmt else None, fmt.schema_ if fmt else None,
+                           "text.format.schema")
     prompt = await run_in_threadpool(
-        render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input"
+        render_prompt, engine, input_messages(body), tools=tools, effort=effort, param="input",
+        response_format=response_format_section(fmt.name, fmt.description, answer) if fmt else None,
     )
+    constraint = await run_in_threadpool(
+        lambda: turn_constraint(engine, tools, body.tool_choice, prompt, body.max_output_tokens,
+                                answer=answer, strict_tools=request.app.state.strict_tools))
     job = engine.submit(prompt, sampling=sampling_params(body), max_tokens=body.max_output_tokens,
-                        forcing=tool_forcing(engine, tools, body.tool_choice,
-                                            prompt, body.max_output_tokens))
+                        forcing=constraint)
     gen = Generation(job, OutputBuilder())
     writer = ResponseWriter(body, model_id, _echo_tools(tools))
     if body.stream:

@@ -183,6 +183,67 @@ class SamplingFields(_Lenient):
         return data
 
 
+class JSONSchemaFormat(_Lenient):
+    """`response_format.json_schema`: the schema a chat answer follows."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
+def _schema_rule(holder: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI statement of `_schema_given`: type json_schema needs a schema object."""
+    return {"anyOf": [{"properties": {"type": {"enum": ["text", "json_object"]}}},
+                      {"required": ["type", *holder["required"]],
+                       "properties": holder["properties"]}]}
+
+
+_SCHEMA_OBJECT = {"required": ["schema"], "properties": {"schema": {"type": "object"}}}
+
+
+class ResponseFormat(_Lenient):
+    """Chat's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_schema_rule({
+        "required": ["json_schema"],
+        "properties": {"json_schema": {"type": "object", **_SCHEMA_OBJECT}}}))
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None
+                                           or self.json_schema.schema_ is None):
+            raise ValueError("a json_schema response format needs json_schema.schema")
+        return self
+
+
+class TextFormat(_Lenient):
+    """Responses' `text.format`: as chat's response format, its schema fields flattened."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_schema_rule(_SCHEMA_OBJECT))
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("a json_schema text format needs a schema")
+        return self
+
+
+class TextConfig(_Lenient):
+    """Responses' `text`: its output format."""
+
+    format: TextFormat | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -195,6 +256,7 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     reasoning_effort: Effort = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def effort(self) -> str | None:
@@ -236,3 +298,4 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    text: TextConfig | None = None
