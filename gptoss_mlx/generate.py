@@ -256,7 +256,7 @@ def stream(
     the context is full (the model's, or `max_context` tokens if smaller). Raises
     ContextLengthError when the prompt fills the context.
     `progress(done, total)` reports the prefill chunk by chunk. `logits_processors` run in order
-    on each step's logits (e.g. `chat.forcing.ToolCallForcing`); the token is sampled from what
+    on each step's logits (e.g. `chat.forcing.TurnConstraint`); the token is sampled from what
     they return.
 
     This is the batch scheduler (`gptoss_mlx.scheduler`) running one sequence.

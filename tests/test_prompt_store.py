@@ -317,8 +317,8 @@ def test_concurrent_and_failed_writes_leave_only_whole_files(
 # -- chat: a new session reads the long developer message back --------------------------------
 
 def test_chat_session_reads_the_header_back(loaded, identity, tmp_path: Path) -> None:
-    from gptoss_mlx.session import ChatSession
     from gptoss_mlx.sampling import SamplingParams
+    from gptoss_mlx.session import ChatSession
 
     model, tok = loaded
 
