@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gptoss_mlx.cli.options import size_value
-from gptoss_mlx.memory import max_context_option
+from gptoss_mlx.cli.options import max_context_option, size_value
 
 if TYPE_CHECKING:
     from gptoss_mlx.config import ModelConfig
