@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from loopback import LoopbackServer, served
 from scripted_model import ScriptedModel
 
 from gptoss_mlx.convert.synthetic import tiny_config, write_checkpoint
+
+if TYPE_CHECKING:
+    from gptoss_mlx.chat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,6 +108,17 @@ def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     dst = tmp_path_factory.mktemp("mlx") / "tiny"
     convert(tiny_checkpoint, dst, progress=False)
     return dst
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple[Any, Tokenizer]:
+    """The tiny model in float32 and its tokenizer, loaded once per test module (modules that
+    need another build define their own `loaded`)."""
+    from gptoss_mlx import load
+
+    model, tok = load(tiny_model_dir, dtype="float32")
+    assert tok is not None
+    return model, tok
 
 
 @pytest.fixture(scope="session")

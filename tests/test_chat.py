@@ -3,9 +3,6 @@ the fully re-rendered history (openai-harmony rendering), and interrupted turns 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -13,22 +10,12 @@ from test_generate import ScriptedModel
 
 from gptoss_mlx.chat.harmony import HarmonyRenderer, SystemOptions
 from gptoss_mlx.chat.messages import Message
-from gptoss_mlx.chat.tokenizer import Tokenizer
 from gptoss_mlx.generate import Done, common_prefix
 from gptoss_mlx.sampling import SamplingParams
 from gptoss_mlx.session import ChatSession
 
 GREEDY = SamplingParams(temperature=0)
 DATE = "2025-08-05"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Tokenizer]:
-    from gptoss_mlx import load
-
-    model, tok = load(tiny_model_dir, dtype="float32")
-    assert tok is not None
-    return model, tok
 
 
 def finish(events) -> Done:

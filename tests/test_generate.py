@@ -4,7 +4,6 @@ pick what an uncached full forward picks; stop tokens, limits, prefix reuse and 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -52,15 +51,6 @@ class ScriptedModel:
             bias = mx.zeros((logits.shape[-1],)).at[self.script[step]].add(1e4)
             logits = logits + bias.astype(logits.dtype)
         return logits
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Tokenizer]:
-    from gptoss_mlx import load
-
-    model, tok = load(tiny_model_dir, dtype="float32")
-    assert tok is not None
-    return model, tok
 
 
 def prompt_for(tok: Tokenizer, text: str) -> list[int]:

@@ -29,15 +29,6 @@ DATE = "2025-08-05"
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> tuple[Any, Tokenizer]:
-    from gptoss_mlx import load
-
-    model, tok = load(tiny_model_dir, dtype="float32")
-    assert tok is not None
-    return model, tok
-
-
-@pytest.fixture(scope="module")
 def identity(loaded) -> str:
     return model_identity(loaded[0])
 
