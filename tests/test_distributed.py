@@ -146,11 +146,13 @@ def test_killing_one_rank_mid_generation_ends_the_other_with_one_error(
             p.wait()
     assert survivor.returncode == 1
     assert took < 10, f"the survivor took {took:.1f} s to exit"
-    lines = err.decode().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert errors == [f"error: rank {1 - victim} of 2: rank {victim} is gone (it exited); "
-                      "ending every rank"], err.decode()
-    assert "Traceback" not in err.decode()
+    text = err.decode()
+    # MLX's ring threads print their own "[ring] Socket N was closed by the peer" and its newline
+    # in separate writes, so our line (one write) may land right after that text: count ours.
+    assert text.count("error:") == 1, text
+    assert (f"error: rank {1 - victim} of 2: rank {victim} is gone (it exited); "
+            "ending every rank\n") in text, text
+    assert "Traceback" not in text
 
 
 def test_a_rank_that_cannot_connect_gives_up_with_one_error(tiny_model_dir: Path) -> None:
