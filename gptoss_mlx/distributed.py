@@ -3,13 +3,21 @@
     mlx.launch --hostfile hosts.json -- gptoss-mlx generate -m DIR -p "..."
 
 Every command runs as usual on rank 0, which alone reads the console and binds the HTTP port.
-The model it uses is a `Leader`: before each model call it broadcasts one fixed-size message
-(which KV cache, how many tokens it must hold before the call, the token ids, `last_only`) with an
-`all_sum` to which only rank 0 contributes. The other ranks never leave `follow`: they receive
-each message, bring their copy of that KV cache to the same length (trimming as rank 0 did) and
-make the same model call, so their caches hold what rank 0's hold and a sharded model's
-collectives pair up. Tokens are sampled on rank 0 only and reach the others inside the next
-message, so sampling is identical everywhere whatever the floating-point differences.
+The model it uses is a `Leader`: before each model call it broadcasts one message (fixed-size
+pieces) with an `all_sum` to which only rank 0 contributes. The other ranks never leave `follow`:
+they receive each message and make the same model call on their copies of the same caches, so
+those hold what rank 0's hold and a sharded model's collectives pair up. A message says:
+- the call: its token ids, `last_only`, and its cache: a per-sequence KV cache (by id, with the
+  tokens it holds before the call: a follower trims its copy as rank 0 did, or makes it when
+  new) or a batch (`BatchCache`, by id, with each row's tokens, checked);
+- the log of what rank 0 did to its caches since the last message, replayed in order first:
+  FREE id (a cache or batch dropped), ADD batch cache tokens (a sequence's caches joined a
+  batch), KEEP batch rows (`BatchCache.keep`), EXTRACT batch row cache (a row taken back as
+  per-sequence caches, known by a new id). Rank 0's batches are `MirroredBatch`es (from
+  `Leader.make_batch_cache`, which the scheduler uses), whose add, keep and extract log
+  themselves; so continuous batching runs across ranks as on one, row for row.
+Tokens are sampled on rank 0 only and reach the others inside the next message, so sampling is
+identical everywhere whatever the floating-point differences.
 
 Failure, never a hang (MLX's collectives alone may wait forever for a dead peer):
 - a rank that dies, however it dies, closes its TCP links to its neighbours (`liveness`): they
@@ -26,6 +34,7 @@ A normal end: rank 0 sends EXIT (`finish`, also at exit) and every rank says goo
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import signal
 import subprocess
@@ -33,7 +42,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -41,7 +51,8 @@ import mlx.core as mx
 import numpy as np
 
 from gptoss_mlx.liveness import Liveness, links, peer_addresses
-from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, trim_to
+from gptoss_mlx.model.batch_cache import BatchCache
+from gptoss_mlx.model.cache import COMPACT_STEP, DEFAULT_SLACK, SlidingKVCache, trim_to
 from gptoss_mlx.model.cache import offset as cache_offset
 from gptoss_mlx.model.sharding import Shard
 
@@ -50,13 +61,15 @@ PEER_TIMEOUT_ENV = "GPTOSS_MLX_PEER_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
 LINK_GRACE = 2.0  # seconds a collective's error waits for the links to name the lost rank
 
-# The message: header fields, then up to CAPACITY token ids (larger calls continue in more).
-OP, STATUS, CACHE, OFFSET, BATCH, LENGTH, LAST_ONLY, SLACK, COMPACT, N_FREED = range(10)
-FREED = slice(10, 26)  # ids of KV caches rank 0 dropped since the last message
-HEADER = 26
+# The message: a header, then its payload in pieces of CAPACITY ids (more messages carry the
+# rest): the call's token ids [BATCH * LENGTH]; for a batch, each row's tokens before the call
+# [BATCH]; then N_LOG ids of the log of cache changes (see the module docstring).
+OP, STATUS, CACHE, OFFSET, BATCH, LENGTH, LAST_ONLY, SLACK, COMPACT, BATCHED, N_LOG = range(11)
+HEADER = 11
 CAPACITY = 512
 FORWARD, EXIT = 1, 2
 NO_CACHE = 0
+FREE, ADD, KEEP, EXTRACT = 1, 2, 3, 4  # the log's entries (the module docstring)
 
 # Errors MLX's collectives raise when a peer is gone (by backend).
 _PEER_ERRORS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]", "[distributed]")
@@ -268,20 +281,27 @@ def _exchange(message: np.ndarray | None) -> np.ndarray:
     return np.array(total, copy=True)
 
 
+def _sliding_params(layers: Sequence[Any]) -> tuple[int, int]:
+    """(slack, compact_step) the caches were made with (`make_cache`'s defaults when no layer
+    slides)."""
+    sliding = next((c for c in layers if isinstance(c, SlidingKVCache)), None)
+    return (DEFAULT_SLACK, COMPACT_STEP) if sliding is None else (sliding.slack,
+                                                                  sliding.compact_step)
+
+
 class Leader:
     """Rank 0's model: broadcasts each call (see the module docstring), then makes it.
 
-    Attributes other than the call and `make_cache` are the wrapped model's.
+    Attributes other than the call, `make_cache` and `make_batch_cache` are the wrapped model's.
     """
 
     def __init__(self, model: Any):
         self.model = model
         self._lock = threading.Lock()
-        # each cache's first layer -> (id, slack, compact_step)
-        self._ids: weakref.WeakKeyDictionary[Any, tuple[int, int, int]] = (
-            weakref.WeakKeyDictionary())
-        self._next_id = NO_CACHE + 1
-        self._freed: list[int] = []
+        # each per-sequence cache's first layer -> its id (batches hold theirs: `.id`)
+        self._ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._counter = itertools.count(NO_CACHE + 1)
+        self._log: deque[tuple[int, ...]] = deque()  # cache changes since the last message
         self._watchdog = _Watchdog(_timeout(PEER_TIMEOUT_ENV))
 
     def __getattr__(self, name: str) -> Any:
@@ -291,13 +311,37 @@ class Leader:
                    compact_step: int = COMPACT_STEP) -> list[Any]:
         """The model's fresh per-layer caches, known to the followers by a new id."""
         layers = self.model.make_cache(slack=slack, compact_step=compact_step)
-        with self._lock:
-            cid, self._next_id = self._next_id, self._next_id + 1
-        self._ids[layers[0]] = (cid, slack, compact_step)
-        weakref.finalize(layers[0], self._freed.append, cid)
+        self._name(layers)
         return layers
 
-    def __call__(self, tokens: mx.array, cache: list[Any] | None = None,
+    def make_batch_cache(self) -> BatchCache:
+        """A `BatchCache` whose changes (add, keep, extract) the followers make to theirs."""
+        return MirroredBatch(self)
+
+    def _new_id(self, owner: Any) -> int:
+        """A new id for a cache or batch, freed on the followers once `owner` is dropped."""
+        cid = next(self._counter)  # atomic: a count's next holds the interpreter lock
+        weakref.finalize(owner, self.note, FREE, cid)
+        return cid
+
+    def _name(self, layers: list[Any]) -> int:
+        """Give these per-layer caches a new id (the key: their first layer)."""
+        self._ids[layers[0]] = cid = self._new_id(layers[0])
+        return cid
+
+    def id_of(self, layers: Any) -> int:
+        """The followers' id for these per-layer caches; ValueError if they have none."""
+        cid = self._ids.get(layers[0]) if isinstance(layers, list) and layers else None
+        if cid is None:
+            raise ValueError("distributed: the KV cache was not made by this model's "
+                             "make_cache(), so the other ranks cannot mirror it")
+        return cid
+
+    def note(self, *entry: int) -> None:
+        """Log a change to the caches for the next message (any thread, even a finalizer's)."""
+        self._log.append(entry)
+
+    def __call__(self, tokens: mx.array, cache: list[Any] | BatchCache | None = None,
                  last_only: bool = False) -> mx.array:
         ids = np.array(tokens, dtype=np.int32, copy=True)
         if ids.ndim != 2:
@@ -306,42 +350,144 @@ class Leader:
         head[OP] = FORWARD
         head[BATCH], head[LENGTH] = ids.shape
         head[LAST_ONLY] = int(last_only)
-        if cache is not None:
-            made = self._ids.get(cache[0]) if isinstance(cache, list) and cache else None
-            if made is None:  # e.g. a batch's caches: not mirrored (yet)
-                raise ValueError("distributed: the KV cache was not made by this model's "
-                                 "make_cache(), so the other ranks cannot mirror it")
-            head[CACHE], head[SLACK], head[COMPACT] = made
+        payload = [ids.reshape(-1)]
+        if isinstance(cache, MirroredBatch) and cache.leader is self:
+            head[CACHE], head[BATCHED] = cache.id, 1
+            payload.append(np.array(cache.offsets, np.int32))
+        elif isinstance(cache, BatchCache):
+            raise ValueError("distributed: the batch was not made by this model's "
+                             "make_batch_cache(), so the other ranks cannot mirror it")
+        elif cache is not None:
+            head[CACHE] = self.id_of(cache)
             head[OFFSET] = cache_offset(cache)
-        self._send(head, ids.reshape(-1))
+            head[SLACK], head[COMPACT] = _sliding_params(cache)
+        self._send(head, payload)
         return self.model(tokens, cache=cache, last_only=last_only)
 
     def finish(self, status: int = 0) -> None:
         """Tell the followers to exit with `status` (once, after the last model call)."""
         head = np.zeros(HEADER, np.int32)
         head[OP], head[STATUS] = EXIT, status
-        self._send(head, np.zeros(0, np.int32))
+        self._send(head, [])
 
-    def _send(self, head: np.ndarray, payload: np.ndarray) -> None:
+    def _send(self, head: np.ndarray, payload: list[np.ndarray]) -> None:
         with self._lock, self._watchdog.bounded("sending a model call to the other ranks"):
-            room = FREED.stop - FREED.start
-            freed, self._freed[:] = self._freed[:room], self._freed[room:]
-            head[N_FREED] = len(freed)
-            head[FREED.start:FREED.start + len(freed)] = freed
-            for start in range(0, max(len(payload), 1), CAPACITY):
+            log: list[int] = []
+            while self._log:  # only this (locked) loop takes entries: popleft cannot fail
+                log.extend(self._log.popleft())
+            head[N_LOG] = len(log)
+            data = np.concatenate([*payload, np.array(log, np.int32)]).astype(np.int32)
+            for start in range(0, max(len(data), 1), CAPACITY):
                 message = np.zeros(HEADER + CAPACITY, np.int32)
                 message[:HEADER] = head
-                piece = payload[start:start + CAPACITY]
+                piece = data[start:start + CAPACITY]
                 message[HEADER:HEADER + len(piece)] = piece
                 _exchange(message)
 
 
+class MirroredBatch(BatchCache):
+    """Rank 0's `BatchCache` (from `Leader.make_batch_cache`): each change it goes through is
+    logged for the followers, who make the same change to their copy, so row r of theirs holds
+    what row r of this one does. A row extracted is a new cache with its own id."""
+
+    def __init__(self, leader: Leader) -> None:
+        super().__init__(leader.model)
+        self.leader = leader
+        self.id = leader._new_id(self)
+
+    def add(self, layers: Sequence[Any]) -> int:
+        cid = self.leader.id_of(layers)
+        row = super().add(layers)
+        self.leader.note(ADD, self.id, cid, cache_offset(layers), *_sliding_params(layers))
+        return row
+
+    def keep(self, rows: Sequence[int]) -> None:
+        rows = list(rows)
+        super().keep(rows)
+        self.leader.note(KEEP, self.id, len(rows), *rows)
+
+    def extract(self, row: int) -> list[Any]:
+        layers = super().extract(row)
+        self.leader.note(EXTRACT, self.id, row, self.leader._name(layers))
+        return layers
+
+
+class _Mirror:
+    """A follower's copies of rank 0's per-sequence KV caches and batches, by rank 0's ids."""
+
+    def __init__(self, model: Any, caches: dict[int, list[Any]]):
+        self.model = model
+        self.caches = caches
+        self.batches: dict[int, BatchCache] = {}
+
+    def cache(self, cid: int, offset: int, slack: int, compact_step: int) -> list[Any]:
+        """Cache `cid` holding its first `offset` tokens (made empty if new), as rank 0's."""
+        layers = self.caches.get(cid)
+        if layers is None:
+            layers = self.caches[cid] = self.model.make_cache(slack=slack,
+                                                              compact_step=compact_step)
+        if cache_offset(layers) != offset and not trim_to(layers, offset):
+            fail(f"KV cache {cid} holds {cache_offset(layers)} tokens, rank 0's {offset}: "
+                 "the ranks went out of step")
+        return layers
+
+    def batch(self, bid: int, offsets: list[int]) -> BatchCache:
+        """Batch `bid`, whose rows must hold `offsets` tokens as rank 0's do."""
+        batch = self._batch(bid)
+        if batch.offsets != offsets:
+            fail(f"batch {bid} holds rows of {batch.offsets} tokens, rank 0's {offsets}: the "
+                 "ranks went out of step")
+        return batch
+
+    def _batch(self, bid: int) -> BatchCache:
+        if bid not in self.batches:
+            fail(f"rank 0 used batch {bid}, which this rank does not hold: the ranks went out "
+                 "of step")
+        return self.batches[bid]
+
+    def replay(self, log: list[int]) -> None:
+        """Make the changes rank 0 logged (see the module docstring), in order."""
+        i = 0
+        while i < len(log):
+            kind, args = log[i], log[i + 1:]
+            if kind == FREE:
+                self.caches.pop(args[0], None)
+                self.batches.pop(args[0], None)
+                i += 2
+            elif kind == ADD:
+                bid, cid, offset, slack, compact_step = args[:5]
+                if bid not in self.batches:
+                    self.batches[bid] = BatchCache(self.model)
+                self.batches[bid].add(self.cache(cid, offset, slack, compact_step))
+                i += 6
+            elif kind == KEEP:
+                bid, n = args[:2]
+                self._batch(bid).keep(args[2:2 + n])
+                i += 3 + n
+            elif kind == EXTRACT:
+                bid, row, cid = args[:3]
+                self.caches[cid] = self._batch(bid).extract(row)
+                i += 4
+            else:
+                fail(f"unknown cache change {kind} from rank 0: the ranks went out of step")
+
+
+def _payload(message: np.ndarray) -> np.ndarray:
+    """The whole payload of the message whose first piece is `message` (the rest follow)."""
+    head = message[:HEADER]
+    n = int(head[BATCH] * head[LENGTH] + head[BATCH] * head[BATCHED] + head[N_LOG])
+    pieces = [message[HEADER:HEADER + min(n, CAPACITY)]]
+    for start in range(CAPACITY, n, CAPACITY):
+        pieces.append(_exchange(None)[HEADER:HEADER + min(n - start, CAPACITY)])
+    return np.concatenate(pieces)
+
+
 def follow(model: Any, caches: dict[int, list[Any]] | None = None) -> int:
     """A follower's whole life: mirror rank 0's model calls until it says exit; returns the
-    exit status rank 0 sent. `caches` receives the mirrored KV caches by rank 0's id. A lost rank
-    or a stalled call ends the process (see `fail`)."""
+    exit status rank 0 sent. `caches` receives the mirrored per-sequence KV caches by rank 0's
+    id. A lost rank or a stalled call ends the process (see `fail`)."""
     watchdog = _Watchdog(_timeout(PEER_TIMEOUT_ENV))
-    caches = {} if caches is None else caches
+    mirror = _Mirror(model, {} if caches is None else caches)
     while True:
         try:
             message = _exchange(None)  # waits as long as rank 0 is idle
@@ -349,31 +495,26 @@ def follow(model: Any, caches: dict[int, list[Any]] | None = None) -> int:
             exit_if_peer_lost(exc)
             raise
         head = message[:HEADER]
-        for cid in head[FREED][: head[N_FREED]]:
-            caches.pop(int(cid), None)
-        if head[OP] == EXIT:
-            return int(head[STATUS])
-        if head[OP] != FORWARD:  # zeros: what a failed collective may return
+        if head[OP] not in (FORWARD, EXIT):  # zeros: what a failed collective may return
             _lost(f"lost rank 0 (message {int(head[OP])} instead of a model call); ending")
         with watchdog.bounded("mirroring a model call"):
-            n = int(head[BATCH] * head[LENGTH])
-            ids = [message[HEADER:HEADER + min(n, CAPACITY)]]
-            for _ in range(CAPACITY, n, CAPACITY):
-                ids.append(_exchange(None)[HEADER:][: n - CAPACITY * len(ids)])
-            tokens = mx.array(np.concatenate(ids).reshape(int(head[BATCH]), int(head[LENGTH])))
-            layers = None
-            if head[CACHE] != NO_CACHE:
-                cid = int(head[CACHE])
-                if cid not in caches:
-                    caches[cid] = model.make_cache(slack=int(head[SLACK]),
-                                                   compact_step=int(head[COMPACT]))
-                layers = caches[cid]
-                want = int(head[OFFSET])
-                if cache_offset(layers) != want and not trim_to(layers, want):
-                    fail(f"KV cache {cid} holds {cache_offset(layers)} tokens, rank 0's {want}: "
-                         "the ranks went out of step")
-            out = model(tokens, cache=layers, last_only=bool(head[LAST_ONLY]))
-            mx.eval(out, [layer.state for layer in layers or []])
+            payload = _payload(message)
+            b, t = int(head[BATCH]), int(head[LENGTH])
+            offsets = payload[b * t:b * t + b].tolist() if head[BATCHED] else []
+            mirror.replay(payload[b * t + len(offsets):].tolist())
+            if head[OP] == EXIT:
+                return int(head[STATUS])
+            tokens = mx.array(payload[:b * t].reshape(b, t))
+            cache: list[Any] | BatchCache | None = None
+            if head[BATCHED]:
+                cache = mirror.batch(int(head[CACHE]), offsets)
+            elif head[CACHE] != NO_CACHE:
+                cache = mirror.cache(int(head[CACHE]), int(head[OFFSET]), int(head[SLACK]),
+                                     int(head[COMPACT]))
+            out = model(tokens, cache=cache, last_only=bool(head[LAST_ONLY]))
+            state = cache.state if isinstance(cache, BatchCache) else [
+                layer.state for layer in cache or []]
+            mx.eval(out, state)
 
 
 def lead(model: Any) -> Leader:

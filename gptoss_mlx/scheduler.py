@@ -293,8 +293,9 @@ class BatchGenerator:
         """Make the decode caches hold exactly `fed`; returns them in row order."""
         if self._batch is None and len(fed) == 1:
             return fed  # alone: its own caches
-        if self._batch is None:
-            self._batch = BatchCache(self.model)
+        if self._batch is None:  # a distributed Leader makes batches the other ranks mirror
+            make = getattr(self.model, "make_batch_cache", None)
+            self._batch = make() if make is not None else BatchCache(self.model)
         wanted = set(fed)
         self._take_back([g for g in self._rows if g not in wanted])
         for generation in fed:

@@ -207,7 +207,8 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
 ) -> None:
     """In one process: rank 0's messages are recorded, then replayed to `follow`; every KV cache
     rank 0 still holds is mirrored position for position (reuse by prefix, a generation closed
-    early with a step queued, a cache trimmed back, caches dropped and freed)."""
+    early with a step queued, a cache trimmed back, caches dropped and freed, generations
+    decoding together in a batch that rows join and leave, taken back into their caches)."""
     import gc
 
     import mlx.core as mx
@@ -215,6 +216,8 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
 
     from gptoss_mlx import distributed, load
     from gptoss_mlx.generate import PromptCache, stream
+    from gptoss_mlx.sampling import SamplingParams
+    from gptoss_mlx.scheduler import BatchGenerator
 
     sent: list[np.ndarray] = []
 
@@ -246,19 +249,39 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
     gc.collect()  # its id goes to the followers with the next message
     run(PromptCache(leader), ids[:8], 2)
     gc.collect()
+
+    batch = BatchGenerator(leader, tokenizer, prefill_chunk=8)
+    caches = [kept, PromptCache(leader), PromptCache(leader), PromptCache(leader)]
+    sampling = SamplingParams(temperature=1, seed=3)  # tokens sampled on rank 0 only
+    joins = [(ids[:16], 7), (ids[3:14], 12), (ids[20:41], 5), (ids[:25], 9)]  # (prompt, tokens)
+    for i, (prompt, n) in enumerate(joins[:3]):
+        batch.submit(prompt, cache=caches[i], sampling=sampling, max_tokens=n,
+                     stop_tokens=frozenset())
+    steps = 0
+    while batch.busy:
+        batch.step()
+        steps += 1
+        if steps == 6:  # joins while the others decode together (the first reuses kept)
+            batch.submit(joins[3][0], cache=caches[3], sampling=sampling, max_tokens=joins[3][1],
+                         stop_tokens=frozenset())
+    del batch
+    caches.pop(2)  # one dropped after the batch
+    gc.collect()
     leader.finish(0)
 
     mirrors: dict[int, list] = {}
     assert distributed.follow(model, mirrors) == 0
     assert not sent  # every message was consumed
-    (cid,) = mirrors  # the dropped caches were freed on the follower too
-    for ours, theirs in zip(kept.layers, mirrors[cid], strict=True):
-        assert ours.offset == theirs.offset == len(kept.tokens)
-        held = ours.offset - getattr(ours, "start", 0)
-        assert getattr(ours, "start", 0) == getattr(theirs, "start", 0)
-        for a, b in zip(ours.state, theirs.state, strict=True):
-            assert np.array_equal(np.array(a[:, :, :held].astype(mx.float32)),
-                                  np.array(b[:, :, :held].astype(mx.float32)))
+    # the dropped caches, and those a batch took back as new ones, were freed on the follower
+    assert sorted(mirrors) == sorted(leader.id_of(c.layers) for c in caches)
+    for cache in caches:
+        for ours, theirs in zip(cache.layers, mirrors[leader.id_of(cache.layers)], strict=True):
+            assert ours.offset == theirs.offset == len(cache.tokens)
+            held = ours.offset - getattr(ours, "start", 0)
+            assert getattr(ours, "start", 0) == getattr(theirs, "start", 0)
+            for a, b in zip(ours.state, theirs.state, strict=True):
+                assert np.array_equal(np.array(a[:, :, :held].astype(mx.float32)),
+                                      np.array(b[:, :, :held].astype(mx.float32)))
 
 
 def test_prompt_from_stdin_is_refused_under_the_launcher(tiny_model_dir: Path) -> None:
