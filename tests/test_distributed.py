@@ -62,10 +62,11 @@ def test_generate_on_two_ranks_prints_the_single_process_text(tiny_model_dir: Pa
 
 @pytest.fixture()
 def two_rank_server(tiny_model_dir: Path) -> Iterator[int]:
-    """`serve` under `mlx.launch -n 2`; yields rank 0's port."""
+    """`serve --max-batch 4` under `mlx.launch -n 2`; yields rank 0's port."""
     port = free_port()
     proc = subprocess.Popen(launch_command(2, [*GPTOSS, "serve", "-m", str(tiny_model_dir),
-                                               "--port", str(port), "--log-level", "warning"]),
+                                               "--port", str(port), "--log-level", "warning",
+                                               "--max-batch", "4"]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             start_new_session=True)  # a group of its own, as on a terminal
     deadline = time.monotonic() + 90
@@ -114,13 +115,16 @@ def test_serve_on_two_ranks_answers_the_official_client(
                     details.cached_tokens or 0 if details else 0)
 
         first = [ask("rivers"), ask("rivers")]  # the second reuses the first's prompt cache
-        with ThreadPoolExecutor(2) as pool:  # two generations at once, each with its own cache
-            both = list(pool.map(ask, ["lakes", "seas"]))
-        return first + both
+        topics = ["lakes", "the seas of the northern hemisphere and their coasts",
+                  "rivers and their deltas", "the longest mountain ranges on every continent "
+                  "and the rivers that rise in them"]  # prompts of different lengths
+        with ThreadPoolExecutor(4) as pool:  # four generations decoding together in a batch
+            together = list(pool.map(ask, topics))
+        return first + together
 
     got = answers(two_rank_server)
     model, tokenizer = load(tiny_model_dir)
-    with running(create_app(Engine(model, tokenizer), "tiny")) as port:
+    with running(create_app(Engine(model, tokenizer, max_batch=4), "tiny")) as port:
         want = answers(port)
     assert [answer for answer, _ in got] == [answer for answer, _ in want]
     assert got[1][1] > 0  # cached tokens: the prompt cache works across ranks

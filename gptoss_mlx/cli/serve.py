@@ -43,16 +43,11 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
                        max_batch: int | None) -> BatchPlan:
     """`--max-batch`, or its default from the memory plan (`gptoss_mlx.memory.plan_batch`:
     one KV cache per sequence at the context, beside the weights and buffers, this rank's share
-    under `mlx.launch`); one clear error when the caches asked for do not fit. Across ranks the
-    batch is 1: the other ranks do not mirror a batched decode yet."""
+    under `mlx.launch`, where the other ranks mirror the batch); one clear error when the
+    caches asked for do not fit."""
     from gptoss_mlx import distributed
     from gptoss_mlx.memory import MemoryPlanError, plan_batch, plan_memory, working_set_limit
 
-    if distributed.group() is not None:
-        if max_batch not in (None, 1):
-            raise click.ClickException(f"--max-batch {max_batch}: across several ranks the "
-                                       "server runs one generation at a time (--max-batch 1)")
-        max_batch = 1
     try:
         return plan_batch(plan_memory(model_dir, max_context, shard=distributed.shard()),
                           working_set_limit(), max_batch, kept=cache_slots)
