@@ -60,6 +60,28 @@ def test_generate_on_two_ranks_prints_the_single_process_text(tiny_model_dir: Pa
     assert two.stderr.count("prompt: ") == 1  # stats from rank 0 only
 
 
+def test_a_batch_of_prompts_on_two_ranks_gives_the_single_process_results(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`generate --prompts`: prompts of different lengths decode together; the output file is
+    the single process's, byte for byte."""
+    lines = [{"messages": [{"role": "user", "content": text}], "max_tokens": n}
+             for text, n in [("Hi.", 9), ("Name the longest rivers of Europe and Asia.", 14),
+                             ("Why is the sky blue?", 6), ("Count to ten, slowly.", 12)]]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ("generate", "-m", str(tiny_model_dir), "--prompts", str(prompts), "--temperature",
+            "0")
+    single = subprocess.run([sys.executable, *GPTOSS, *args, "--output", str(tmp_path / "1")],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    assert single.returncode == 0, single.stderr
+    two = launch(*args, "--output", str(tmp_path / "2"))
+    assert two.returncode == 0, two.stderr
+    assert "error" not in two.stderr, two.stderr
+    assert len((tmp_path / "1").read_text().splitlines()) == len(lines)
+    assert (tmp_path / "2").read_bytes() == (tmp_path / "1").read_bytes()
+
+
 @pytest.fixture()
 def two_rank_server(tiny_model_dir: Path) -> Iterator[int]:
     """`serve --max-batch 4` under `mlx.launch -n 2`; yields rank 0's port."""
@@ -130,12 +152,22 @@ def test_serve_on_two_ranks_answers_the_official_client(
     assert got[1][1] > 0  # cached tokens: the prompt cache works across ranks
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "batched"])
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killing_one_rank_mid_generation_ends_the_other_with_one_error(
-    tiny_model_dir: Path, victim: int
+    tiny_model_dir: Path, tmp_path: Path, victim: int, batched: bool
 ) -> None:
-    ranks = by_hand("generate", "-m", str(tiny_model_dir), "-p", "Count to a million.", "--raw",
-                    "--temperature", "1", "--seed", "0")
+    if batched:  # the first line's result is out while the other two still decode together
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps(
+            {"messages": [{"role": "user", "content": text}], "max_tokens": n}) + "\n"
+            for text, n in [("Hi.", 8), ("Count to a million.", 100000),
+                            ("Name every river.", 100000)]))
+        what: tuple[str, ...] = ("--prompts", str(prompts))
+    else:
+        what = ("-p", "Count to a million.", "--raw")
+    ranks = by_hand("generate", "-m", str(tiny_model_dir), *what, "--temperature", "1",
+                    "--seed", "0")
     try:
         assert ranks[0].stdout is not None
         assert ranks[0].stdout.read(1), ranks[0].communicate()[1]  # generating
