@@ -1,4 +1,4 @@
-"""One model split across 2 and 4 local ranks (`mlx.launch`, ring backend, CPU) against the same
+"""One model split across 2, 4 and 8 local ranks (`mlx.launch`, ring backend, CPU) against the same
 model in one process: the logits of a prompt and of greedy decode steps agree within 1e-5
 relative in float32, on every rank; each rank holds what the memory plan says, no rank holds a
 whole copy of any tensor it shares, and a forward costs 2 * layers + 2 collectives."""
@@ -25,6 +25,8 @@ TOL = 1e-5
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_local_experts=6,
             head_dim=16, num_attention_heads=16, num_key_value_heads=8, sliding_window=8,
             num_hidden_layers=2)
+# tiny on 8 ranks: intermediate 256 = 8 MXFP4 blocks, one per rank; one KV head per rank
+EIGHT = {**TINY, "intermediate_size": 256}
 # the released hidden and intermediate sizes (2880 = 90 blocks: 23/23/22/22 on 4 ranks), heads
 # and head_dim, two layers, few experts
 REAL = dict(vocab_size=2048, hidden_size=2880, intermediate_size=2880, num_local_experts=4,
@@ -38,7 +40,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     converted with 8-bit dense layers (quantized o_proj, embedding and lm_head split too)."""
     root = tmp_path_factory.mktemp("sharded")
     out = {}
-    for name, shape in (("tiny", TINY), ("real", REAL)):
+    for name, shape in (("tiny", TINY), ("eight", EIGHT), ("real", REAL)):
         src = write_checkpoint(root / f"{name}-release", tiny_config(**shape), layout="both",
                                seed=11)
         convert(src, root / f"{name}-mlx", progress=False)
@@ -85,6 +87,7 @@ def reference(model_dir: Path) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(("source", "ranks"), [
     ("tiny-mlx", 2), ("tiny-original", 4), ("tiny-d8", 4), ("real-release", 4), ("real-mlx", 2),
+    ("eight-mlx", 8),
 ])
 def test_sharded_logits_match_one_process(checkpoints: dict[str, Path], tmp_path: Path,
                                           source: str, ranks: int) -> None:
