@@ -301,9 +301,12 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
             batch.submit(joins[3][0], cache=caches[3], sampling=sampling, max_tokens=joins[3][1],
                          stop_tokens=frozenset())
     del batch
+    run(caches[1], caches[1].tokens[:10] + ids[:4], 3)  # a cache taken back, reused by prefix
     caches.pop(2)  # one dropped after the batch
     gc.collect()
     leader.finish(0)
+    rows = [m[distributed.BATCH] for m in sent if m[distributed.BATCHED]]
+    assert max(rows) == 3 and 2 in rows  # decode steps of 3 and 2 rows went to the followers
 
     mirrors: dict[int, list] = {}
     assert distributed.follow(model, mirrors) == 0
