@@ -34,6 +34,7 @@ A normal end: rank 0 sends EXIT (`finish`, also at exit) and every rank says goo
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import signal
@@ -447,27 +448,24 @@ class _Mirror:
 
     def replay(self, log: list[int]) -> None:
         """Make the changes rank 0 logged (see the module docstring), in order."""
-        i = 0
-        while i < len(log):
-            kind, args = log[i], log[i + 1:]
+        entries = iter(log)
+        take = functools.partial(itertools.islice, entries)
+        for kind in entries:
             if kind == FREE:
-                self.caches.pop(args[0], None)
-                self.batches.pop(args[0], None)
-                i += 2
+                (gone,) = take(1)
+                self.caches.pop(gone, None)
+                self.batches.pop(gone, None)
             elif kind == ADD:
-                bid, cid, offset, slack, compact_step = args[:5]
+                bid, cid, offset, slack, compact_step = take(5)
                 if bid not in self.batches:
                     self.batches[bid] = BatchCache(self.model)
                 self.batches[bid].add(self.cache(cid, offset, slack, compact_step))
-                i += 6
             elif kind == KEEP:
-                bid, n = args[:2]
-                self._batch(bid).keep(args[2:2 + n])
-                i += 3 + n
+                bid, n = take(2)
+                self._batch(bid).keep(list(take(n)))
             elif kind == EXTRACT:
-                bid, row, cid = args[:3]
+                bid, row, cid = take(3)
                 self.caches[cid] = self._batch(bid).extract(row)
-                i += 4
             else:
                 fail(f"unknown cache change {kind} from rank 0: the ranks went out of step")
 
