@@ -419,9 +419,12 @@ class ConstraintCost:
         def best_median(values: list[float], digits: int) -> str:
             return f"{min(values):.{digits}f} | {statistics.median(values):.{digits}f}"
 
+        extra = statistics.median(w - wo for w, wo in zip(self.with_ms, self.without_ms,
+                                                          strict=True))
         return (f"JSON schema ({self.tokens} tokens, {len(self.with_ms)} runs, best | median): "
                 f"decode {best_median(self.with_ms, 2)} ms/token with it, "
-                f"{best_median(self.without_ms, 2)} without; the constraint itself "
+                f"{best_median(self.without_ms, 2)} without ({extra:+.2f} ms/token, the median "
+                f"of the runs' differences); the constraint itself "
                 f"{best_median(self.constraint_ms, 3)} ms/token: computing the mask "
                 f"{best_median(self.mask_ms, 3)} (while the forward runs), applying it "
                 f"{best_median(self.apply_ms, 3)}")
