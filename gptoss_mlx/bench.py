@@ -357,61 +357,91 @@ def format_ratios(results: Sequence[Result], ours: str, theirs: str) -> str:
     return line
 
 
-# A structured answer of every kind the constraint handles (nested object, array, enum, number,
-# a string with a pattern), for `constraint_cost`.
+# A structured answer of every kind the constraint handles (nested object, array, enum, bounded
+# numbers, a string with a pattern, free text last), for `constraint_cost`: the bounded parts
+# first, so that an answer of 128 tokens passes through all of them.
 BENCH_SCHEMA = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "pattern": "^[A-Z][a-z]{1,20}$"},
-        "temperature": {"type": "number"},
-        "days": {"type": "array", "items": {"type": "integer"}},
-        "wind": {"type": "object", "properties": {"kmh": {"type": "integer"},
+        "temperature": {"type": "number", "minimum": -50, "maximum": 50},
+        "days": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 7},
+                 "maxItems": 7},
+        "wind": {"type": "object", "properties": {"kmh": {"type": "integer", "minimum": 0,
+                                                          "maximum": 300},
                                                   "dir": {"enum": ["N", "E", "S", "W"]}},
                  "required": ["kmh", "dir"], "additionalProperties": False},
+        "summary": {"type": "string"},
     },
-    "required": ["city", "temperature", "days", "wind"],
+    "required": ["city", "temperature", "days", "wind", "summary"],
     "additionalProperties": False,
 }
 
 
 class _Timed:
-    """A logits processor timed on its own: the forward pass is evaluated first, so only the
-    processor's work (and applying its result) is counted."""
+    """A logits processor timed on its own: the forward pass is evaluated first, then the time
+    until the processor returns (following the tokens, computing the mask: the part the decode
+    loop overlaps with the forward) and the time its result takes to evaluate (applying it).
+    MLX's worker is woken before the latter: in the decode loop it is still busy with the
+    forward when the mask is queued, so its wake-up (which can take longer than applying the
+    mask, on a CPU) is not the constraint's cost."""
 
     def __init__(self, inner: Callable[[Sequence[int], mx.array], mx.array]):
-        self.inner, self.seconds, self.calls = inner, 0.0, 0
+        self.inner, self.host, self.apply, self.calls = inner, 0.0, 0.0, 0
 
     def __call__(self, generated: Sequence[int], logits: mx.array) -> mx.array:
         mx.eval(logits)
         start = time.perf_counter()
         out = self.inner(generated, logits)
+        returned = time.perf_counter()
+        mx.eval(mx.zeros(1) + 1)  # wakes the worker
+        applying = time.perf_counter()
         mx.eval(out)
-        self.seconds += time.perf_counter() - start
+        self.host += returned - start
+        self.apply += time.perf_counter() - applying
         self.calls += 1
         return out
 
 
 @dataclass(frozen=True)
 class ConstraintCost:
-    """Decode milliseconds per token without and with a JSON-schema answer, and the constraint's
-    own share (its mask computed and applied)."""
+    """Decode milliseconds per token with a JSON-schema answer and without (the same prompt,
+    model and number of tokens), and the constraint's own time per token, split into computing
+    the mask and applying it; one value per run."""
 
-    plain_ms: float
-    constrained_ms: float
-    constraint_ms: float
+    with_ms: list[float]
+    without_ms: list[float]
+    mask_ms: list[float]
+    apply_ms: list[float]
     tokens: int
 
+    @property
+    def constraint_ms(self) -> list[float]:
+        """The constraint's own time per token, per run."""
+        return [m + a for m, a in zip(self.mask_ms, self.apply_ms, strict=True)]
+
     def __str__(self) -> str:
-        return (f"JSON schema: decode {self.constrained_ms:.2f} ms/token with it, "
-                f"{self.plain_ms:.2f} without; the constraint itself "
-                f"{self.constraint_ms:.3f} ms/token ({self.tokens} tokens)")
+        def best_median(values: list[float], digits: int) -> str:
+            return f"{min(values):.{digits}f} | {statistics.median(values):.{digits}f}"
+
+        extra = statistics.median(w - wo for w, wo in zip(self.with_ms, self.without_ms,
+                                                          strict=True))
+        return (f"JSON schema ({self.tokens} tokens, {len(self.with_ms)} runs, best | median): "
+                f"decode {best_median(self.with_ms, 2)} ms/token with it, "
+                f"{best_median(self.without_ms, 2)} without ({extra:+.2f} ms/token, the median "
+                f"of the runs' differences); the constraint itself "
+                f"{best_median(self.constraint_ms, 3)} ms/token: computing the mask "
+                f"{best_median(self.mask_ms, 3)} (while the forward runs), applying it "
+                f"{best_median(self.apply_ms, 3)}")
 
 
-def constraint_cost(model: Any, tokenizer: Any, max_tokens: int = 128,
+def constraint_cost(model: Any, tokenizer: Any, max_tokens: int = 128, runs: int = 3,
                     schema: dict[str, Any] | None = None, seed: int = 0) -> ConstraintCost:
-    """Generate one answer (temperature 1, `seed`) with and without `schema` constraining it
-    (default BENCH_SCHEMA), both through a processor so the decode loop is the same; the
-    reasoning before the answer is constrained too (free text, harmony's headers)."""
+    """Generate one answer (temperature 1, `seed`) constrained by `schema` (default BENCH_SCHEMA;
+    the reasoning before it is constrained too: free text, harmony's headers), then as many
+    tokens without a constraint (no processor: the decode loop samples a step ahead, as for any
+    request without one), then the constrained answer again with the constraint timed on its
+    own; `runs` times, interleaved."""
     from gptoss_mlx.chat.forcing import TurnConstraint, TurnSpec
     from gptoss_mlx.chat.harmony import HarmonyRenderer
     from gptoss_mlx.generate import TokenEvent, stream
@@ -420,17 +450,26 @@ def constraint_cost(model: Any, tokenizer: Any, max_tokens: int = 128,
     prompt = HarmonyRenderer(tokenizer).render_chat(
         [{"role": "user", "content": "The weather in Paris, as JSON."}])
     spec = TurnSpec(answer_schema=schema or BENCH_SCHEMA)
-    TurnConstraint(tokenizer, spec, max_tokens)  # builds the vocabulary's matcher once, untimed
 
-    def run(processor: _Timed) -> tuple[float, int]:
+    def run(processors: list[Any], tokens: int, stops: frozenset[int] | None = None
+            ) -> tuple[float, int]:
         times = []
         for event in stream(model, tokenizer, prompt, sampling=SamplingParams(seed=seed),
-                            max_tokens=max_tokens, logits_processors=[processor]):
+                            max_tokens=tokens, stop_tokens=stops, logits_processors=processors):
             if isinstance(event, TokenEvent):
                 times.append(time.perf_counter())
-        return (times[-1] - times[0]) / max(len(times) - 1, 1), len(times)
+        return (times[-1] - times[0]) / max(len(times) - 1, 1) * 1e3, len(times)
 
-    plain, _ = run(_Timed(lambda generated, logits: logits))
-    timed = _Timed(TurnConstraint(tokenizer, spec, max_tokens))
-    constrained, n = run(timed)
-    return ConstraintCost(plain * 1e3, constrained * 1e3, timed.seconds / timed.calls * 1e3, n)
+    # warm-up (untimed): the vocabulary's matcher is built once, MLX compiles its kernels
+    run([TurnConstraint(tokenizer, spec, max_tokens)], min(max_tokens, 16))
+    run([], min(max_tokens, 16))
+    with_ms, without_ms, mask_ms, apply_ms, n = [], [], [], [], max_tokens
+    for _ in range(runs):
+        ms, n = run([TurnConstraint(tokenizer, spec, max_tokens)], max_tokens)
+        with_ms.append(ms)
+        without_ms.append(run([], n, frozenset())[0])  # no stop token: exactly n tokens
+        timed = _Timed(TurnConstraint(tokenizer, spec, max_tokens))
+        run([timed], max_tokens)
+        mask_ms.append(timed.host / timed.calls * 1e3)
+        apply_ms.append(timed.apply / timed.calls * 1e3)
+    return ConstraintCost(with_ms, without_ms, mask_ms, apply_ms, n)

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptoss_mlx.bench import (
+    ConstraintCost,
     Measurement,
     Result,
     Test,
@@ -144,6 +145,17 @@ def test_ratios_are_medians_of_paired_runs() -> None:
     assert ratios(results, "ours", "theirs", "host_per_token") == {"tg8": 0.5}
 
 
+def test_constraint_cost_reports_best_median_and_paired_difference() -> None:
+    cost = ConstraintCost(with_ms=[12.0, 9.0, 20.0], without_ms=[10.0, 8.5, 11.0],
+                          mask_ms=[0.5, 0.25, 0.75], apply_ms=[0.25, 0.5, 0.125], tokens=64)
+    assert cost.constraint_ms == [0.75, 0.75, 0.875]
+    assert str(cost) == (
+        "JSON schema (64 tokens, 3 runs, best | median): decode 9.00 | 12.00 ms/token with it, "
+        "8.50 | 10.00 without (+2.00 ms/token, the median of the runs' differences); the "
+        "constraint itself 0.750 | 0.750 ms/token: computing the mask 0.250 | 0.500 (while the "
+        "forward runs), applying it 0.125 | 0.250")
+
+
 def test_bench_cli_prints_the_table(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(
         main, ["bench", "-m", str(tiny_model_dir), "-p", "16", "-n", "4", "-d", "32", "-r", "2",
@@ -161,8 +173,12 @@ def test_bench_cli_prints_the_table(tiny_model_dir: Path) -> None:
     if not mx.metal.is_available():
         assert rows[3].count("n/a (CPU)") == 1 and rows[4].count("n/a (CPU)") == 1
     assert "memory plan:" in result.stderr
-    assert re.search(r"JSON schema: decode \d+\.\d\d ms/token with it, \d+\.\d\d without; the "
-                     r"constraint itself \d+\.\d\d\d ms/token \(\d+ tokens\)", result.stderr)
+    pair = r"\d+\.\d+ \| \d+\.\d+"  # best | median
+    assert re.search(rf"JSON schema \(24 tokens, 2 runs, best \| median\): decode {pair} ms/token "
+                     rf"with it, {pair} without \([+-]\d+\.\d\d ms/token, the median of the runs' "
+                     rf"differences\); the constraint itself {pair} ms/token: "
+                     rf"computing the mask {pair} \(while the forward runs\), applying it {pair}",
+                     result.stderr)
 
 
 def test_bench_cli_compares_with_mlx_lm(tiny_model_dir: Path) -> None:

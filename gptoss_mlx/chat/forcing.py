@@ -40,6 +40,9 @@ from .tokenizer import END, Tokenizer
 # Allowed tokens keep at least this logit (far below any a model gives, and within float16), so
 # one of them is sampled even when the logits rule them all out (-inf).
 _FLOOR = -1e4
+# Up to this many allowed (or left out) tokens, only they are written into the logits: on a CPU a
+# select over the whole 201k vocabulary costs as much as writing about 2,500 tokens one by one.
+_SPARSE = 2048
 # JSON on one line, compact or with one space between tokens (as json.dumps writes it): no run of
 # blanks a looping model could extend forever.
 JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
@@ -216,6 +219,48 @@ def _spec_key(spec: TurnSpec) -> str:
                       )  # not sorted: the order of properties is the order they are written in
 
 
+class LogitsMask:
+    """The tokens that may come next, ready to apply to logits [..., `width`]; built once per
+    distinct mask, since a run of free text or digits keeps the same one step after step.
+
+    `allowed` [V] is a boolean mask over the tokenizer's ids; ids from V on (a model's vocabulary
+    wider than the tokenizer's) are left out, and `allowed` past `width` is ignored."""
+
+    def __init__(self, allowed: np.ndarray, width: int):
+        self.width = width
+        allowed = allowed[:width]
+        if len(allowed) < width:
+            allowed = np.concatenate([allowed, np.zeros(width - len(allowed), dtype=bool)])
+        n_allowed = int(np.count_nonzero(allowed))
+        self._ids: mx.array | None = None  # the allowed ids (few), or the left-out ones
+        self._select: mx.array | None = None  # the boolean mask (neither few)
+        self._few_allowed = n_allowed <= _SPARSE
+        if self._few_allowed:  # e.g. inside JSON
+            self._ids = mx.array(np.flatnonzero(allowed).astype(np.uint32))
+        elif width - n_allowed <= _SPARSE:  # e.g. reasoning: only control tokens are left out
+            self._ids = mx.array(np.flatnonzero(~allowed).astype(np.uint32))
+        else:
+            self._select = mx.array(allowed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """`logits` (same dtype) with the left-out tokens at -inf and the allowed ones at least
+        _FLOOR, so one of them is sampled even when the logits rule them all out."""
+        if self._select is not None:
+            return mx.where(self._select, mx.maximum(logits, _FLOOR), -mx.inf)
+        assert self._ids is not None
+        if self._few_allowed:  # write the few allowed logits into -inf
+            out = mx.full(logits.shape, -mx.inf, dtype=logits.dtype)
+            out[..., self._ids] = mx.maximum(logits[..., self._ids], _FLOOR)
+            return out
+        kept = mx.maximum(logits, _FLOOR)
+        kept[..., self._ids] = -mx.inf
+        return kept
+
+
+def _has(words: np.ndarray, token: int) -> bool:
+    return bool(int(words[token >> 5]) >> (token & 31) & 1)
+
+
 class TurnConstraint:
     """A logits processor `(generated_ids, logits) -> logits` keeping a turn within `spec`.
 
@@ -230,7 +275,9 @@ class TurnConstraint:
         self._compiled, template = _template(tokenizer, _spec_key(spec))
         self._matcher = template.deep_copy()
         self._vocab = tokenizer.vocab_size
-        self._bitmask = np.zeros((self._vocab + 31) // 32, dtype=np.int32)
+        self._bitmask = np.zeros((self._vocab + 31) // 32, dtype=np.uint32)  # llguidance's
+        self._mask: LogitsMask | None = None  # the last mask applied, and its bits
+        self._mask_bits = np.zeros_like(self._bitmask)
         # the tokens the answer keeps for itself when reasoning must end in time
         answer_room = max(1, budget // 2) if budget is not None else 1
         self._room = 1 + self._compiled.end_room + answer_room  # <|end|>, a header, the answer
@@ -244,8 +291,10 @@ class TurnConstraint:
         self._in_reasoning = False  # inside a message that <|end|> closes
 
     def __call__(self, generated: Sequence[int], logits: mx.array) -> mx.array:
-        """`logits` [1, V] for the token after `generated`, masked to what may come next."""
-        mx.async_eval(logits)  # the forward pass runs while the mask is computed
+        """`logits` [1, V] for the token after `generated`, masked to what may come next.
+
+        The scheduler calls it while the forward pass computing `logits` runs: the matcher
+        follows the new token and computes the mask before `logits` are needed."""
         if len(generated) < self._seen:  # a new generation
             self._reset()
         for token in generated[self._seen:]:
@@ -254,34 +303,37 @@ class TurnConstraint:
                                    f"{self._matcher.get_error()}")
             self._follow(token)
         self._seen = len(generated)
-        allowed = self.allowed(len(generated))
+        bits = self._allowed_bits(len(generated))
         width = logits.shape[-1]
-        if width != self._vocab:
-            allowed = np.pad(allowed, (0, max(0, width - self._vocab)))[:width]
-        mask = mx.array(allowed)
-        return mx.where(mask, mx.maximum(logits, _FLOOR), -mx.inf).astype(logits.dtype)
+        if self._mask is None or self._mask.width != width or not np.array_equal(
+                bits, self._mask_bits):
+            allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[:self._vocab]
+            self._mask = LogitsMask(allowed.view(bool), width)
+            self._mask_bits[:] = bits
+        return self._mask(logits)
 
-    def allowed(self, n_generated: int) -> np.ndarray:
-        """The boolean mask [V] of the tokens that may follow `n_generated` tokens."""
-        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+    def _allowed_bits(self, n_generated: int) -> np.ndarray:
+        """The tokens that may follow `n_generated` tokens: one bit per token id, little-endian in
+        uint32 words, as llguidance writes them."""
+        bits = self._bitmask
+        self._matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
         if self._matcher.is_error():
             raise RuntimeError(f"constrained generation: {self._matcher.get_error()}")
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:self._vocab]
-        allowed = allowed.astype(bool)
         left = None if self.budget is None else self.budget - n_generated  # this one included
         if left is None or not self.spec.forced_end:
-            return allowed
+            return bits
         # end it so the answer fits (once a character split across tokens is complete)
-        if self._in_reasoning and left <= self._room and allowed[END]:
-            only_end = np.zeros_like(allowed)
-            only_end[END] = True
-            return only_end
+        if self._in_reasoning and left <= self._room and _has(bits, END):
+            bits[:] = 0
+            bits[END >> 5] = 1 << (END & 31)
+            return bits
         n = len(self._written)
         for h in self._alive:  # a reasoning header needs its rest, a token of text, the answer
             if not h.terminal and left <= len(h.ids) - n + self._room and not any(
                     o.terminal and o.ids[n] == h.ids[n] for o in self._alive):
-                allowed[h.ids[n]] = False
-        return allowed
+                token = h.ids[n]
+                bits[token >> 5] &= ~np.uint32(1 << (token & 31))
+        return bits
 
     def _follow(self, token: int) -> None:
         if not self._alive:  # in a body: only <|end|> of reasoning leads to another header

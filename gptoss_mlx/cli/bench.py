@@ -57,8 +57,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               default=None, help="--serve: also write the results to this JSON file.")
 @click.option("--schema-tokens", type=click.IntRange(min=0), default=128, show_default=True,
-              help="Tokens of a JSON-schema answer to time the constraint's cost per token on "
-                   "(0: skip).")
+              help="Tokens of a JSON-schema answer to time the constraint's cost per token on, "
+                   "against as many without one, -r times (0: skip).")
 def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
                   repetitions: int, experts: tuple[str, ...], compare: bool, serve: bool,
                   clients: list[int], stream_tokens: int, stream_prompt: int, long_prompt: int,
@@ -149,7 +149,8 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
         for a in ours:
             click.echo(bench.format_ratios(results, a, "mlx-lm"), err=True)
     if schema_tokens:
-        click.echo(str(bench.constraint_cost(model, tokenizer, schema_tokens)), err=True)
+        click.echo(str(bench.constraint_cost(model, tokenizer, schema_tokens,
+                                                  repetitions)), err=True)
 
 
 def serve_bench(model_path: Path, clients: list[int], rounds: int, prompt_words: int,
