@@ -55,8 +55,9 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
               help="--serve: words (one token each) of the prompt that arrives while 4 "
                    "streams decode; 0 skips that probe.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
-              help="--serve: the prefill chunk whose solo time the long prompt's delay is "
-                   "compared with (also mlx_lm.server's --prefill-step-size).")
+              help="--serve: the prefill chunk (gptoss-mlx serve's is 512) whose time at the "
+                   "long prompt's full depth bounds the streams' delay (also mlx_lm.server's "
+                   "--prefill-step-size).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               default=None, help="--serve: also write the results to this JSON file.")
 @click.option("--schema-tokens", type=click.IntRange(min=0), default=128, show_default=True,
