@@ -3,11 +3,19 @@
     python benchmarks/serve_load.py                     # 1, 2, 4, 8, 16 clients, 3 rounds each
     python benchmarks/serve_load.py -r 2 --json out.json   # any `gptoss-mlx bench --serve` option
 
+    # Linux: MLX's CPU wheel calls netlib's reference BLAS, and its bfloat16 matmuls no BLAS at
+    # all, so a batch's lm_head costs B times one row's. With OpenBLAS (apt install
+    # libopenblas0-pthread) preloaded and our server in float32, batches amortize:
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+        python benchmarks/serve_load.py -r 1 --dtype float32
+
 Writes the tiny random checkpoint (`--vocab`: o200k_base.tiktoken, default ../shared/tokenizer),
 converts it, derives its line model (`gptoss_mlx.serve_bench.line_model`: the same work per
 token, but every token streams as its own chunk and none ends the stream), then runs
 `gptoss-mlx bench --serve --compare` on it: a table per server and the ratios on stdout,
-progress on stderr. For a real model run `gptoss-mlx bench --serve --compare -m DIR` directly.
+progress on stderr. The first line says each server's dtype (`--dtype` is ours; mlx_lm.server
+computes in the folder's, bfloat16) and the BLAS MLX calls (LD_PRELOAD reaches both servers).
+For a real model run `gptoss-mlx bench --serve --compare -m DIR` directly.
 """
 
 from __future__ import annotations

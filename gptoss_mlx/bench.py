@@ -7,7 +7,8 @@ runtimes are interleaved (the order rotating each repetition) so a noisy machine
 and ratios are medians of per-repetition ratios.
 
 - `bytes_per_token`: bytes decode reads per token, from the folder's tensors and the KV depth;
-- `chip_bandwidth`: Apple's spec memory bandwidth by chip name;
+- `chip_bandwidth`: Apple's spec memory bandwidth by chip name; `cpu_blas`: on Linux, the BLAS
+  library MLX's CPU backend calls;
 - `LogitAgreement`: argmax/top-5 agreement and KL between two models' logits;
 - `OurRuntime` (`gptoss_mlx.generate.stream`) and `MlxLmRuntime` (`mlx_lm.stream_generate` on the
   same folder), `run_tests`, `format_table`, `format_ratios`.
@@ -15,7 +16,9 @@ and ratios are medians of per-repetition ratios.
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +55,30 @@ def device_bandwidth() -> tuple[str, float | None]:
     """(device name, spec GB/s); the bandwidth is None off Metal or for an unknown chip."""
     name = mx.device_info().get("device_name", "unknown")
     return name, chip_bandwidth(name) if mx.metal.is_available() else None
+
+
+def cpu_blas() -> str | None:
+    """On Linux, the file of the BLAS whose `cblas_sgemm` MLX's CPU backend calls: one the
+    process's global scope provides (LD_PRELOAD, e.g. OpenBLAS), which the dynamic linker binds
+    first, else the one libmlx brings (the mlx-cpu wheel's `mlx_cpu.libs/libblas`, netlib's
+    reference BLAS). None elsewhere, or when neither is found."""
+    if not sys.platform.startswith("linux"):
+        return None
+    maps = []  # (start, end, path) of each mapped file
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                maps.append((start, end, fields[5].strip()))
+    try:  # RTLD_DEFAULT: what libmlx's reference binds to before its own dependencies
+        addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    except AttributeError:
+        addr = None
+    if addr is not None:
+        return next((path for start, end, path in maps if start <= addr < end), None)
+    return next((path for _, _, path in maps
+                 if "mlx_cpu.libs" in path and Path(path).name.startswith("libblas")), None)
 
 
 def bytes_per_token(

@@ -18,10 +18,12 @@ class LoadError(RuntimeError):
     """The model cannot be loaded (or would not fit); the message is one line naming why."""
 
 
-def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
+def check_model(model_path: str | Path, max_context: int | None = None,
+                dtype: str = "bfloat16") -> Path:
     """The local folder of a model (a converted folder, a released checkpoint folder, or a
     Hugging Face repo id, downloaded once into the hub cache), after checking that it holds a
-    vocabulary and that its memory plan at `max_context` fits (setting Metal's wired limit)."""
+    vocabulary and that its memory plan at `max_context` in `dtype` fits (setting Metal's wired
+    limit)."""
     from gptoss_mlx import distributed
     from gptoss_mlx.chat.tokenizer import TOKENIZER_JSON, VOCAB_FILENAME
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
@@ -39,7 +41,8 @@ def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
             f"{VOCAB_FILENAME} into it, or convert again with --vocab PATH"
         )
     try:
-        ensure_fits(path, max_context, shard=distributed.shard())  # each rank on its machine
+        # each rank on its machine
+        ensure_fits(path, max_context, dtype=dtype, shard=distributed.shard())
     except MemoryPlanError as e:
         raise LoadError(str(e)) from None
     except (OSError, ValueError) as e:
@@ -47,8 +50,9 @@ def check_model(model_path: str | Path, max_context: int | None = None) -> Path:
     return path
 
 
-def load_checked(path: str | Path) -> tuple[Any, Tokenizer]:
-    """The model and tokenizer of a folder `check_model` accepted (LoadError otherwise).
+def load_checked(path: str | Path, dtype: str = "bfloat16") -> tuple[Any, Tokenizer]:
+    """The model (in `dtype`, see `gptoss_mlx.load`) and tokenizer of a folder `check_model`
+    accepted (LoadError otherwise).
 
     Under `mlx.launch` (after `distributed.setup`) each rank loads its share; rank 0 gets the
     model wrapped as the leader (`gptoss_mlx.distributed`), the other ranks follow it here
@@ -56,7 +60,7 @@ def load_checked(path: str | Path) -> tuple[Any, Tokenizer]:
     from gptoss_mlx import distributed, load
 
     try:
-        model, tokenizer = load(path, group=distributed.group())
+        model, tokenizer = load(path, dtype=dtype, group=distributed.group())
     except (ValueError, OSError, KeyError) as e:
         raise LoadError(f"cannot load {path}: {e}") from None
     if tokenizer is None:

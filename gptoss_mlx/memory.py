@@ -45,7 +45,7 @@ from gptoss_mlx.model.weights import open_weights
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
 MAX_BATCH = 16  # sequences a server runs at once by default, however many more would fit
 _FLOAT_CODES = {"BF16", "F16", "F32"}
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}  # the loader's dtypes, bytes each
 
 # Parts of the model, by tensor name (mlx-lm's gpt_oss names, which our folders use).
 PARTS = ("experts", "attention", "router", "embedding", "lm_head", "norms")
@@ -81,7 +81,7 @@ def loaded_nbytes(spec: TensorSpec, dtype: str = "bfloat16") -> int:
     `set_dtype` converts affine quantization scales and biases too), packed integers and E8M0
     scales stay as stored."""
     if spec.dtype in _FLOAT_CODES:
-        return math.prod(spec.shape) * _ITEMSIZE[dtype]
+        return math.prod(spec.shape) * DTYPE_SIZES[dtype]
     return spec.nbytes
 
 
@@ -101,7 +101,7 @@ def dense_bits_specs(specs: Iterable[TensorSpec], bits: int) -> list[TensorSpec]
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
     """Key + value bytes one token adds to one layer."""
-    return 2 * cfg.num_key_value_heads * cfg.head_dim * _ITEMSIZE[dtype]
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * DTYPE_SIZES[dtype]
 
 
 def kv_positions(cfg: ModelConfig, context: int) -> tuple[int, int]:
@@ -283,7 +283,7 @@ def plan_from_specs(
     kv = per_tok * (n_full * full + n_sliding * sliding)
 
     t = min(prefill_chunk, ctx)
-    item = _ITEMSIZE[dtype]
+    item = DTYPE_SIZES[dtype]
     H, q = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim // n
     kv_dim = cfg.num_key_value_heads * cfg.head_dim // n
     lo, hi = intermediate_range(cfg, shard) if shard else (0, cfg.intermediate_size)

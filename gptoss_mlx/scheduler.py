@@ -12,8 +12,11 @@ A step prefills one chunk (`prefill_chunk` tokens) of the oldest generation stil
 come, first served), then runs one decode forward for every running generation: tokens [B, 1]
 over a `BatchCache`, which keeps each row's own offsets, positions, windows and masks. So a long
 prompt delays the running streams by one chunk per step. A generation whose prompt is in samples
-its first token from the prompt's last logits and joins; a finished or cancelled one leaves at
-once, its caches going back to its `PromptCache` (whose `tokens` stay those the caches hold).
+its first token from the prompt's last logits and joins: at once when none runs, else at the next
+step, which prefills nothing (its caches join the batch, which may grow to its length, and its
+first decode runs there), so no step carries both a chunk and the batch growing. A finished or
+cancelled one leaves at once, its caches going back to its `PromptCache` (whose `tokens` stay
+those the caches hold).
 A generation running alone decodes on its own caches; once a second joins, the running ones
 move into a `BatchCache`, which serves until it empties.
 
@@ -103,6 +106,7 @@ class BatchGenerator:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self._waiting: deque[Generation] = deque()  # to prefill, oldest first
+        self._joining: list[Generation] = []  # prefilled, decoding from the next step
         self._running: list[Generation] = []  # decoding
         self._batch: BatchCache | None = None
         self._rows: list[Generation] = []  # the generations in `_batch`, row by row
@@ -111,12 +115,12 @@ class BatchGenerator:
     @property
     def busy(self) -> bool:
         """Whether any generation is waiting or running."""
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._joining or self._running)
 
     @property
     def generations(self) -> list[Generation]:
-        """The generations running, then those waiting (oldest first)."""
-        return [*self._running, *self._waiting]
+        """The generations running, then those prefilled, then those waiting (oldest first)."""
+        return [*self._running, *self._joining, *self._waiting]
 
     def submit(
         self,
@@ -162,17 +166,22 @@ class BatchGenerator:
 
     def cancel(self, generation: Generation) -> None:
         """End `generation` now, without further events (nothing happens if it is over)."""
-        if generation in self._waiting:
-            self._waiting.remove(generation)
+        if generation in self._waiting or generation in self._joining:
+            (self._waiting if generation in self._waiting else self._joining).remove(generation)
             generation.cache.sync()
         elif generation in self._running:
             self._leave([generation])
 
     def step(self) -> list[tuple[Generation, Event]]:
-        """One prefill chunk and one decode step; the events they produced, in order."""
+        """One prefill chunk, or the prompts prefilled last step joining, and one decode step;
+        the events they produced, in order."""
         events: list[tuple[Generation, Event]] = []
         with mx.stream(STREAM):
-            self._prefill_step(events)
+            if self._joining:
+                self._running += self._joining
+                self._joining = []
+            else:
+                self._prefill_step(events)
             if self._running:
                 self._decode_step(events)
         self._steps += 1
@@ -182,7 +191,7 @@ class BatchGenerator:
 
     def _prefill_step(self, events: list[tuple[Generation, Event]]) -> None:
         """Feed one chunk of the oldest waiting prompt; once it is all in, the generation's
-        first token is sampled and it joins the running ones."""
+        first token is sampled and it joins the running ones (alone: now; else next step)."""
         while self._waiting and self._waiting[0].limit <= 0:  # max_tokens=0: nothing to do
             generation = self._waiting.popleft()
             generation.stats.finish_reason = "length"
@@ -206,7 +215,7 @@ class BatchGenerator:
         generation.prefill = None
         generation.pending = first
         mx.async_eval(first)
-        self._running.append(generation)
+        (self._joining if self._running else self._running).append(generation)
 
     def _sample(self, generation: Generation, logits: mx.array) -> mx.array:
         for processor in generation.processors:

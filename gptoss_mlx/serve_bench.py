@@ -14,7 +14,8 @@ servers: a stream's `usage.completion_tokens` (`stream_options.include_usage`), 
 
 The long-prompt probe starts a few streams, waits until they decode steadily, sends a long
 prompt, and reports how much the longest gap between two of their tokens around its arrival
-exceeds their usual gap, against the time one prefill chunk takes solo.
+exceeds their usual gap, against the time the long prompt's last prefill chunk takes as it runs
+(attending to the rest of the prompt, cached, and sampling the first token).
 
 `line_model` derives, from a model folder, one whose greedy output is ".\n" or ",\n" forever: the
 same shapes and work per token, but every token streams as its own chunk on both servers (to our
@@ -45,31 +46,38 @@ from typing import Any
 HOST = "127.0.0.1"
 LINE_TOKENS = (558, 412)  # ".\n" and ",\n" in o200k
 LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
+FLOAT_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors codes
 
 
 @dataclass(frozen=True)
 class Server:
-    """How to start one server: `argv` with `{port}` in it, the `model` its requests name."""
+    """How to start one server: `argv` with `{port}` in it, the `model` its requests name, and
+    the `dtype` it computes in (for the report)."""
 
     name: str
     argv: tuple[str, ...]
     model: str
+    dtype: str
 
 
-def ours(folder: str | Path, max_concurrent: int) -> Server:
-    """`gptoss-mlx serve` with room for `max_concurrent` generations at once."""
+def ours(folder: str | Path, max_concurrent: int, dtype: str = "bfloat16") -> Server:
+    """`gptoss-mlx serve` in `dtype` with room for `max_concurrent` generations at once."""
     return Server("gptoss-mlx", (sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(folder),
-                                 "--port", "{port}", "--log-level", "warning",
-                                 "--max-batch", str(max_concurrent)), "bench")
+                                 "--port", "{port}", "--log-level", "warning", "--dtype", dtype,
+                                 "--max-batch", str(max_concurrent)), "bench", dtype)
 
 
 def mlx_lm(folder: str | Path, max_concurrent: int, prefill_step: int) -> Server:
     """`mlx_lm.server` with continuous batching of up to `max_concurrent` streams, prefilling
-    `prefill_step` tokens at a time."""
+    `prefill_step` tokens at a time, in the folder's dtype (it has no dtype option)."""
+    from gptoss_mlx.model.weights import open_weights
+
+    floats = sorted({s.dtype for s in open_weights(folder).specs()} & FLOAT_NAMES.keys())
     return Server("mlx_lm.server", (
         sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", "{port}",
         "--log-level", "WARNING", "--decode-concurrency", str(max_concurrent),
-        "--prefill-step-size", str(prefill_step)), "default_model")
+        "--prefill-step-size", str(prefill_step)), "default_model",
+        "/".join(FLOAT_NAMES[f] for f in floats) + " (the folder's)")
 
 
 def free_port() -> int:
@@ -259,29 +267,43 @@ class LongPrompt:
     prompt_tokens: int  # the long request's prompt, as its server counted it
     long_ttft: float  # the long request's time to first token
     chunk_tokens: int
-    chunk_time: float  # a solo prefill of `chunk_tokens` more tokens (see `_chunk_time`)
+    chunk_time: float  # its last chunk as it runs, at full depth (see `_last_chunk_time`)
     usual_gap: float  # the streams' median gap between tokens before the arrival
     worst_gap: float  # their longest gap overlapping [arrival, long request's first token]
+    chunk_cached: int = -1  # the prompt tokens the server reported cached when timing the chunk
 
     @property
     def extra_delay(self) -> float:
         return self.worst_gap - self.usual_gap
 
+    @property
+    def chunk_timed(self) -> bool:
+        """Whether `chunk_time` is one chunk's: the server said it had the rest cached (or said
+        nothing of its cache)."""
+        return self.chunk_cached < 0 or self.prompt_tokens - self.chunk_cached <= self.chunk_tokens
+
 
 PROBE_TOKENS = 8  # max_tokens of the probes' requests (a real model's header comes first)
+TAIL_WORDS = 16  # words left out of the chunk for the tokens the template adds after them
 
 
-async def _chunk_time(client: Any, url: str, model: str, words: int, seed: int,
-                      repeats: int = 3) -> float:
-    """A solo prefill of `words` more words: the median over `repeats` back-to-back pairs of the
-    time to first token of a prompt with them minus that of an 8-word prompt."""
-    diffs = []
+async def _last_chunk_time(client: Any, url: str, model: str, words: int, chunk_tokens: int,
+                           seed: int, repeats: int = 3) -> tuple[float, int]:
+    """The costliest chunk of a `words`-word prompt as it runs: its last, attending to all the
+    tokens before it, then sampling the first token. Each of `repeats` times, the prompt cut
+    `chunk_tokens - TAIL_WORDS` words short is sent (the server's prompt cache keeps it), then
+    the whole prompt; the median of the latter's time to first token (HTTP included), and the
+    fewest prompt tokens the server reported cached (-1: it did not say)."""
+    times, cached = [], []
     for i in range(repeats):
-        short, long = [await stream_chat(client, url, model, prompt_text(n, seed + 2 * i + j),
-                                         PROBE_TOKENS)
-                       for j, n in enumerate((8, 8 + words))]
-        diffs.append(long.ttft - short.ttft)
-    return statistics.median(diffs)
+        await stream_chat(client, url, model,
+                          prompt_text(max(1, words - chunk_tokens + TAIL_WORDS), seed + i),
+                          PROBE_TOKENS)
+        full = await stream_chat(client, url, model, prompt_text(words, seed + i), PROBE_TOKENS)
+        times.append(full.ttft)
+        details = (full.usage or {}).get("prompt_tokens_details") or {}
+        cached.append(details.get("cached_tokens", -1))
+    return statistics.median(times), min(cached)
 
 
 async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_STREAMS,
@@ -293,7 +315,8 @@ async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_
     import httpx2
 
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(600.0)) as client:
-        chunk_time = await _chunk_time(client, url, model, chunk_tokens, seed)
+        chunk_time, chunk_cached = await _last_chunk_time(client, url, model, long_words,
+                                                          chunk_tokens, seed)
         warm = asyncio.Event()
         long_done: list[float] = []
         running: list[Stream] = []
@@ -329,7 +352,7 @@ async def long_prompt_probe(url: str, model: str, *, streams: int = LONG_PROMPT_
         worst = max([worst] + [b - a for a, b in pairs if b > arrival and a < long_done[0]])
     prompt_tokens = long.usage["prompt_tokens"] if long.usage else -1
     return LongPrompt(prompt_tokens, long.ttft, chunk_tokens, chunk_time,
-                      statistics.median(usual), worst)
+                      statistics.median(usual), worst, chunk_cached)
 
 
 @dataclass
@@ -340,10 +363,12 @@ class ServerRun:
     levels: list[Level]
     long_prompt: LongPrompt | None = None
     long_prompt_error: str = ""  # why the long-prompt probe failed
+    dtype: str = ""
 
     def to_json(self) -> dict[str, Any]:
         lp = self.long_prompt
-        return {"server": self.server, "levels": [lv.summary() for lv in self.levels],
+        return {"server": self.server, "dtype": self.dtype,
+                "levels": [lv.summary() for lv in self.levels],
                 "long_prompt": {**asdict(lp), "extra_delay": lp.extra_delay} if lp else None,
                 "long_prompt_error": self.long_prompt_error or None}
 
@@ -365,7 +390,7 @@ def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_
                      + (f"; {len(level.errors)} failed: {level.errors[0]}" if level.errors
                         else ""))
             levels.append(level)
-        run = ServerRun(server.name, levels)
+        run = ServerRun(server.name, levels, dtype=server.dtype)
         if long_words:
             try:
                 run.long_prompt = asyncio.run(long_prompt_probe(
@@ -378,13 +403,20 @@ def bench_server(server: Server, clients: Sequence[int], *, rounds: int, prompt_
 
 
 def describe_long_prompt(lp: LongPrompt) -> str:
+    delay = (f"a {lp.prompt_tokens}-token prompt arriving while {LONG_PROMPT_STREAMS} streams "
+             f"decode delays their next token by {1000 * lp.extra_delay:.0f} ms (longest gap "
+             f"{1000 * lp.worst_gap:.0f} ms, usual {1000 * lp.usual_gap:.1f} ms)")
+    own = f"its own TTFT {1000 * lp.long_ttft:.0f} ms"
+    if not lp.chunk_timed:
+        return (f"{delay}; its last chunk could not be timed: with all but its last "
+                f"{lp.chunk_tokens} tokens sent before, the server had {lp.chunk_cached} cached "
+                f"(TTFT {1000 * lp.chunk_time:.0f} ms); {own}")
     verdict = "within" if lp.extra_delay <= lp.chunk_time else "MORE than"
-    return (f"a {lp.prompt_tokens}-token prompt arriving while {LONG_PROMPT_STREAMS} streams "
-            f"decode delays their "
-            f"next token by {1000 * lp.extra_delay:.0f} ms (longest gap "
-            f"{1000 * lp.worst_gap:.0f} ms, usual {1000 * lp.usual_gap:.1f} ms), {verdict} one "
-            f"{lp.chunk_tokens}-token prefill chunk ({1000 * lp.chunk_time:.0f} ms solo); its own "
-            f"TTFT {1000 * lp.long_ttft:.0f} ms")
+    cached = (f"{lp.chunk_cached} tokens cached" if lp.chunk_cached >= 0
+              else "cached tokens not reported")
+    return (f"{delay}, {verdict} its last {lp.chunk_tokens}-token prefill chunk at full depth "
+            f"({1000 * lp.chunk_time:.0f} ms: the TTFT of the prompt with the rest cached, "
+            f"{cached}); {own}")
 
 
 def format_run(run: ServerRun) -> str:

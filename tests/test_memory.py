@@ -185,16 +185,35 @@ def test_max_context_beyond_the_model_is_refused(tiny_model_dir: Path) -> None:
         plan_memory(tiny_model_dir, ctx + 1)
 
 
-@pytest.mark.parametrize("tokens", [300, 1500])
-def test_kv_cache_matches_the_model_cache(tiny_model_dir: Path, tokens: int) -> None:
+@pytest.mark.parametrize(("tokens", "dtype"),
+                         [(300, "bfloat16"), (1500, "bfloat16"), (300, "float32")])
+def test_kv_cache_matches_the_model_cache(tiny_model_dir: Path, tokens: int, dtype: str) -> None:
     from gptoss_mlx import load
     from gptoss_mlx.generate import PromptCache, prefill
     from gptoss_mlx.model.cache import nbytes
 
-    model, _ = load(tiny_model_dir, experts="mlx")
+    model, _ = load(tiny_model_dir, dtype=dtype, experts="mlx")
     cache = PromptCache(model)
     prefill(model, cache, [i % 1000 for i in range(tokens)])
-    assert plan_memory(tiny_model_dir, tokens).kv_cache == nbytes(cache.layers)
+    assert plan_memory(tiny_model_dir, tokens, dtype=dtype).kv_cache == nbytes(cache.layers)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_weights_match_the_loaded_arrays(tiny_model_dir: Path, dtype: str) -> None:
+    """Each part's planned bytes at `dtype` are the loaded model's arrays' bytes."""
+    from mlx.utils import tree_flatten
+
+    from gptoss_mlx import load
+    from gptoss_mlx.memory import DTYPE_SIZES, tensor_part
+
+    model, _ = load(tiny_model_dir, dtype=dtype, experts="mlx")
+    loaded: dict[str, int] = {}
+    for name, a in tree_flatten(model.parameters()):
+        part = tensor_part(name)
+        loaded[part] = loaded.get(part, 0) + a.nbytes
+    planned = plan_memory(tiny_model_dir, 1024, dtype=dtype).weights
+    assert {p: b for p, b in planned.items() if b} == loaded
+    assert DTYPE_SIZES[dtype] == getattr(mx, dtype).size
 
 
 def test_the_plan_matches_mlx_peak_memory(tiny_model_dir: Path) -> None:

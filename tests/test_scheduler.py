@@ -24,18 +24,20 @@ CHUNK = 32
 
 class Tight:
     """The model with sliding caches that keep nothing beyond their window, so they drop
-    positions while a batch decodes; records each forward's batch size."""
+    positions while a batch decodes; records each forward's batch size and tokens' shape."""
 
     def __init__(self, model: Any):
         self.model = model
         self.config = model.config
         self.batch_sizes: list[int] = []
+        self.shapes: list[tuple[int, ...]] = []
 
     def make_cache(self) -> list[Any]:
         return self.model.make_cache(slack=0, compact_step=8)
 
     def __call__(self, tokens: mx.array, cache: Any = None, last_only: bool = False) -> mx.array:
         self.batch_sizes.append(tokens.shape[0])
+        self.shapes.append(tuple(tokens.shape))
         return self.model(tokens, cache=cache, last_only=last_only)
 
 
@@ -151,6 +153,34 @@ def test_batched_equals_solo(loaded) -> None:
                 for step, (a, b) in enumerate(zip(recorders[i].logits, logits, strict=True)):
                     err = np.abs(a - b).max() / np.abs(b).max()
                     assert err <= 1e-4, f"request {i}, step {step}: relative error {err:.2e}"
+
+
+def test_a_prompt_joins_the_step_after_its_last_chunk(loaded) -> None:
+    """No step both prefills a chunk and grows the batch: the step with a prompt's last chunk
+    decodes the running generations only; the next prefills nothing, and the new generation
+    decodes with them there (its first token comes then). Alone, one joins at once."""
+    model, tok = loaded
+    batch = BatchGenerator(model, tok, prefill_chunk=CHUNK)
+    kw = dict(sampling=GREEDY, max_tokens=40, stop_tokens=NO_STOPS)
+    first = batch.submit(prompt_of(10, 1), **kw)
+    model.shapes.clear()
+    assert [g for g, _ in batch.step()] == [first]  # alone: its first token at once
+    assert model.shapes == [(1, 10), (1, 1)]
+    second = batch.submit(prompt_of(10, 2), **kw)
+    long = batch.submit(prompt_of(3 * CHUNK - 5, 3), **kw)
+    steps = []
+    while not long.generated:
+        model.shapes.clear()
+        emitted = [g for g, _ in batch.step()]
+        steps.append((list(model.shapes), emitted))
+    assert steps == [
+        ([(1, 10), (1, 1)], [first]),  # the second's prompt; the first decodes alone
+        ([(2, 1)], [first, second]),  # the second joins: no chunk
+        ([(1, CHUNK), (2, 1)], [first, second]),
+        ([(1, CHUNK), (2, 1)], [first, second]),
+        ([(1, CHUNK - 5), (2, 1)], [first, second]),  # the long prompt's last chunk
+        ([(3, 1)], [first, second, long]),  # it joins: no chunk
+    ]
 
 
 def test_cancel_frees_the_row_and_the_others_go_on(loaded) -> None:

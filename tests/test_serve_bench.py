@@ -4,6 +4,9 @@ tables and JSON hold the servers' own counts for both servers."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptoss_mlx import load
+from gptoss_mlx.bench import cpu_blas
 from gptoss_mlx.cli import main
 from gptoss_mlx.generate import TokenEvent, stream
 from gptoss_mlx.sampling import SamplingParams
@@ -68,10 +72,18 @@ def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> Non
     result = CliRunner().invoke(main, [
         "bench", "--serve", "--compare", "-m", str(line_dir), "--clients", "1,2", "-r", "1",
         "--stream-tokens", "4", "--stream-prompt", "16", "--long-prompt", "200",
-        "--prefill-chunk", "32", "--json", str(out)])
+        "--prefill-chunk", "32", "--json", str(out), "--dtype", "float32"])
     assert result.exit_code == 0, result.output + result.stderr
+    blas = cpu_blas()
+    assert result.stdout.splitlines()[0] == (
+        "gptoss-mlx: float32; mlx_lm.server: bfloat16 (the folder's)"
+        + (f"; BLAS: {blas}" if blas else ""))
     runs = json.loads(out.read_text())
     assert [r["server"] for r in runs] == ["gptoss-mlx", "mlx_lm.server"]
+    assert [r["dtype"] for r in runs] == ["float32", "bfloat16 (the folder's)"]
+    # our prompt cache held all of the long prompt but its last chunk while that was timed
+    lp = runs[0]["long_prompt"]
+    assert lp["prompt_tokens"] - 32 <= lp["chunk_cached"] < lp["prompt_tokens"]
     for run in runs:
         assert [lv["clients"] for lv in run["levels"]] == [1, 2]
         for lv in run["levels"]:
@@ -115,3 +127,31 @@ def test_serve_bench_names_a_server_that_does_not_start(tiny_model_dir: Path,
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "gptoss-mlx did not start" in errors[0] and "safetensors" in errors[0]
+
+
+def _blas_in_child(**env: str) -> str:
+    """`cpu_blas()` in a fresh Python that imported MLX, with `env` added."""
+    code = "import mlx.core, gptoss_mlx.bench as b; print(b.cpu_blas())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env={**os.environ, **env}, timeout=120).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_cpu_blas_names_the_library_mlx_calls() -> None:
+    """Without LD_PRELOAD: the mlx-cpu wheel's own BLAS; with OpenBLAS preloaded: OpenBLAS,
+    whose cblas_sgemm the dynamic linker binds libmlx's reference to."""
+    import ctypes.util
+
+    own = Path(_blas_in_child(LD_PRELOAD=""))
+    assert own.parent.name == "mlx_cpu.libs" and own.name.startswith("libblas")
+    assert ctypes.CDLL(str(own)).cblas_sgemm  # it exports the function
+    name = ctypes.util.find_library("openblas")
+    if name is None:
+        pytest.skip("needs OpenBLAS (apt install libopenblas0) to check a preloaded BLAS")
+    preloaded = _blas_in_child(LD_PRELOAD=name)
+    assert "openblas" in Path(preloaded).name and Path(preloaded).is_file()
+
+
+def test_cpu_blas_is_none_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert cpu_blas() is None

@@ -73,7 +73,7 @@ def run_batch(model_path: str, prompts: Path, output: Path | None, opts: dict[st
     try:
         bodies = parse_requests(read_lines(prompts), source=source, defaults=defaults)
         with atomic_output(output) as out:
-            model, tokenizer = load_model(model_path, opts["max_context"])
+            model, tokenizer = load_model(model_path, opts["max_context"], opts["dtype"])
             context = BatchContext.of(model, tokenizer, opts["max_context"])
             requests = prepare_requests(bodies, context, source=source)
             _generate(model, tokenizer, requests, out, opts["max_context"])

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from gptoss_mlx.cli.options import dtype_option
+
 
 def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
@@ -21,6 +23,7 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("-m", "--model", "source", required=True, metavar="DIR|REPO",
               help="Converted MLX model folder, released checkpoint folder (root layout or "
                    "original/), or Hugging Face repo id (downloaded once).")
+@dtype_option
 @click.option("-p", "--n-prompt", default="512,2048", callback=_sizes, metavar="N[,N...]",
               help="Prefill tests (ppN): prompt sizes, comma-separated; empty for none.")
 @click.option("-n", "--n-gen", default="128", callback=_sizes, metavar="N[,N...]",
@@ -52,14 +55,15 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
               help="--serve: words (one token each) of the prompt that arrives while 4 "
                    "streams decode; 0 skips that probe.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
-              help="--serve: the prefill chunk whose solo time the long prompt's delay is "
-                   "compared with (also mlx_lm.server's --prefill-step-size).")
+              help="--serve: the prefill chunk (gptoss-mlx serve's is 512) whose time at the "
+                   "long prompt's full depth bounds the streams' delay (also mlx_lm.server's "
+                   "--prefill-step-size).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               default=None, help="--serve: also write the results to this JSON file.")
 @click.option("--schema-tokens", type=click.IntRange(min=0), default=128, show_default=True,
               help="Tokens of a JSON-schema answer to time the constraint's cost per token on, "
                    "against as many without one, -r times (0: skip).")
-def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
+def bench_command(source: str, dtype: str, n_prompt: list[int], n_gen: list[int], depth: list[int],
                   repetitions: int, experts: tuple[str, ...], compare: bool, serve: bool,
                   clients: list[int], stream_tokens: int, stream_prompt: int, long_prompt: int,
                   prefill_chunk: int, json_path: str | None, schema_tokens: int) -> None:
@@ -83,8 +87,8 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
     if serve:
         if not clients:
             raise click.UsageError("--clients: give at least one concurrency")
-        serve_bench(model_path, clients, repetitions, stream_prompt, stream_tokens, long_prompt,
-                    prefill_chunk, compare, json_path)
+        serve_bench(model_path, dtype, clients, repetitions, stream_prompt, stream_tokens,
+                    long_prompt, prefill_chunk, compare, json_path)
         return
     longest = max(t.n_prompt + t.depth + t.n_gen + 1 for t in tests)
     ranks = join_ranks()
@@ -96,7 +100,7 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
                                "other ranks keep theirs) and no --compare (mlx-lm runs whole)")
     backends = backends[:1] if ranks > 1 else backends
     try:
-        plan = ensure_fits(model_path, longest, shard=distributed.shard())
+        plan = ensure_fits(model_path, longest, dtype=dtype, shard=distributed.shard())
     except MemoryPlanError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, ValueError) as e:
@@ -105,7 +109,8 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
         click.echo(plan.summary(), err=True)
 
     try:
-        model, tokenizer = load(model_path, experts="auto" if "auto" in backends else backends[0],
+        model, tokenizer = load(model_path, dtype=dtype,
+                                experts="auto" if "auto" in backends else backends[0],
                                 group=distributed.group())
         model = distributed.distribute(model)  # the other ranks follow it there until the end
         runtimes: list[bench.Runtime] = [
@@ -129,13 +134,16 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
 
     cfg, specs = plan.config, plan.specs
     device, bandwidth = bench.device_bandwidth()
+    blas = bench.cpu_blas()
     click.echo(f"device: {device}, spec bandwidth: "
-               f"{f'{bandwidth:g} GB/s' if bandwidth else 'n/a (CPU)'}", err=True)
+               f"{f'{bandwidth:g} GB/s' if bandwidth else 'n/a (CPU)'}, dtype: {dtype}"
+               + (f", BLAS: {blas}" if blas else ""), err=True)
     results = bench.run_tests(runtimes, tests, repetitions,
                               progress=lambda line: click.echo(line, err=True))
 
     def decode_bytes(test: bench.Test) -> int:  # the mean context over the decoded tokens
-        return sum(bench.bytes_per_token(cfg, specs, test.depth + test.n_gen // 2).values())
+        return sum(bench.bytes_per_token(cfg, specs, test.depth + test.n_gen // 2,
+                                         dtype).values())
 
     size = sum(s.nbytes for s in specs)
     click.echo(bench.format_table(results, Path(source).name, size, decode_bytes, bandwidth))
@@ -153,18 +161,23 @@ def bench_command(source: str, n_prompt: list[int], n_gen: list[int], depth: lis
                                                   repetitions)), err=True)
 
 
-def serve_bench(model_path: Path, clients: list[int], rounds: int, prompt_words: int,
-                max_tokens: int, long_words: int, chunk_tokens: int, compare: bool,
-                json_path: str | None) -> None:
-    """`bench --serve`: each server's table, then the ratios (stdout); progress on stderr."""
+def serve_bench(model_path: Path, dtype: str, clients: list[int], rounds: int,
+                prompt_words: int, max_tokens: int, long_words: int, chunk_tokens: int,
+                compare: bool, json_path: str | None) -> None:
+    """`bench --serve`: the conditions (dtypes, BLAS), each server's table, then the ratios
+    (stdout); progress on stderr."""
     import json
 
     from gptoss_mlx import serve_bench as sb
+    from gptoss_mlx.bench import cpu_blas
 
     room = max(*clients, sb.LONG_PROMPT_STREAMS + 1 if long_words else 1)  # generations at once
-    servers = [sb.ours(model_path, room)]
+    servers = [sb.ours(model_path, room, dtype)]
     if compare:
         servers.append(sb.mlx_lm(model_path, room, chunk_tokens))
+    blas = cpu_blas()  # the servers inherit this process's environment (LD_PRELOAD)
+    click.echo("; ".join(f"{s.name}: {s.dtype}" for s in servers)
+               + (f"; BLAS: {blas}" if blas else "") + "\n")
     runs = []
     for server in servers:
         try:

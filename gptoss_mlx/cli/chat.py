@@ -164,7 +164,7 @@ def chat_command(model_path: str, **opts: Any) -> None:
     from gptoss_mlx.session import ChatSession
 
     check_instructions(opts)
-    model, tokenizer = load_model(model_path, opts["max_context"])
+    model, tokenizer = load_model(model_path, opts["max_context"], opts["dtype"])
     store = open_prompt_store(opts["prompt_cache_dir"], opts["prompt_cache_bytes"], model,
                               tokenizer)
     session = ChatSession(model, tokenizer, instructions=opts["developer"],

@@ -84,7 +84,7 @@ def generate_command(model_path: str, prompt: str | None, raw: bool, as_json: bo
         raise click.ClickException("the prompt is empty; expected some text to answer")
     check_instructions(opts)
     schema = read_schema(schema_file) if schema_file is not None else None
-    model, tokenizer = load_model(model_path, opts["max_context"])
+    model, tokenizer = load_model(model_path, opts["max_context"], opts["dtype"])
     instructions = "\n\n".join(filter(None, [
         opts["developer"], response_format_section(schema_file and schema_file.stem, None,
                                                    schema)]))

@@ -1,6 +1,6 @@
-"""Command-line options shared by `generate`, `chat` and `serve` (model, harmony system and
-developer messages, sampling, context), what they turn into, and model loading with one-line
-errors."""
+"""Command-line options shared by `generate`, `chat`, `serve` and `bench` (model, dtype, harmony
+system and developer messages, sampling, context), what they turn into, and model loading with
+one-line errors."""
 
 from __future__ import annotations
 
@@ -54,6 +54,20 @@ def model_option(f: F) -> F:
              "original/), or Hugging Face repo id (downloaded once).")(f)
 
 
+def dtype_option(f: F) -> F:
+    """The `--dtype` option: activations and non-quantized weights (`load`'s `dtype`)."""
+    from gptoss_mlx.memory import DTYPE_SIZES
+
+    return click.option(
+        "--dtype", type=click.Choice(list(DTYPE_SIZES)), default="bfloat16",
+        help="Activations, KV cache and non-quantized weights (attention, embedding, lm_head): "
+             "bfloat16 as released; float32 to verify against a float32 reference, and for "
+             "speed on MLX's CPU backend (Linux), whose float32 matmuls go to BLAS (fast with "
+             "OpenBLAS: LD_PRELOAD=.../openblas-pthread/libopenblas.so.0) while bfloat16 ones "
+             "run a generic loop. The memory plan counts these at this dtype (float32: twice "
+             "bfloat16's).")(f)
+
+
 def max_context_option(f: F) -> F:
     """The `--max-context N` click option (None: the model's full context)."""
     return click.option(
@@ -67,9 +81,11 @@ def max_context_option(f: F) -> F:
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by `generate` and `chat`: model, harmony system/developer, sampling."""
+    """Options shared by `generate` and `chat`: model, dtype, harmony system/developer,
+    sampling."""
     decorators = [
         model_option,
+        dtype_option,
         click.option("--system", default=None,
                      help="Replace the system message's identity line "
                           "('You are ChatGPT, a large language model trained by OpenAI.')."),
@@ -132,27 +148,30 @@ def _one_line() -> Iterator[None]:
         raise click.ClickException(str(e)) from None
 
 
-def check_model(model_path: str, max_context: int | None = None) -> Path:
-    """`gptoss_mlx.loading.check_model` (the local folder, its memory plan checked), its errors
-    as one-line click errors. Under `mlx.launch` the ranks join first and rank 0 prints each
-    rank's plan."""
+def check_model(model_path: str, max_context: int | None = None,
+                dtype: str = "bfloat16") -> Path:
+    """`gptoss_mlx.loading.check_model` (the local folder, its memory plan at `dtype` checked),
+    its errors as one-line click errors. Under `mlx.launch` the ranks join first and rank 0
+    prints each rank's plan."""
     from gptoss_mlx import distributed, loading
 
     ranks = join_ranks()
     with _one_line():
-        path = loading.check_model(model_path, max_context)
+        path = loading.check_model(model_path, max_context, dtype)
     if ranks > 1 and not distributed.is_follower():
-        print_rank_plans(path, ranks, max_context)
+        print_rank_plans(path, ranks, max_context, dtype)
     return path
 
 
-def print_rank_plans(path: Path, ranks: int, max_context: int | None) -> None:
+def print_rank_plans(path: Path, ranks: int, max_context: int | None,
+                     dtype: str = "bfloat16") -> None:
     """The memory plan of each rank of a model split across `ranks`, one line each (stderr)."""
     from gptoss_mlx.memory import folder_specs, plan_per_rank
     from gptoss_mlx.model.weights import open_weights
 
     try:
-        plans = plan_per_rank(open_weights(path).config, folder_specs(path), ranks, max_context)
+        plans = plan_per_rank(open_weights(path).config, folder_specs(path), ranks, max_context,
+                              dtype=dtype)
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot split {path} across {ranks} ranks: {e}") from None
     for plan in plans:
@@ -182,17 +201,18 @@ def size_value(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(str(exc)) from None
 
 
-def load_checked_model(path: Path) -> tuple[Any, Tokenizer]:
-    """Load the folder `check_model` returned (errors: one line)."""
+def load_checked_model(path: Path, dtype: str = "bfloat16") -> tuple[Any, Tokenizer]:
+    """Load the folder `check_model` returned, in `dtype` (errors: one line)."""
     from gptoss_mlx import distributed
     from gptoss_mlx.loading import load_checked
 
     if sys.stderr.isatty() and not distributed.is_follower():
         click.echo(f"loading {path} ...", err=True)
     with _one_line():
-        return load_checked(path)
+        return load_checked(path, dtype)
 
 
-def load_model(model_path: str, max_context: int | None = None) -> tuple[Any, Tokenizer]:
+def load_model(model_path: str, max_context: int | None = None,
+               dtype: str = "bfloat16") -> tuple[Any, Tokenizer]:
     """`check_model`, then `load_checked_model`."""
-    return load_checked_model(check_model(model_path, max_context))
+    return load_checked_model(check_model(model_path, max_context, dtype), dtype)

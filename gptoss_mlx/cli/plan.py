@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gptoss_mlx.cli.options import max_context_option, size_value
+from gptoss_mlx.cli.options import dtype_option, max_context_option, size_value
 
 if TYPE_CHECKING:
     from gptoss_mlx.config import ModelConfig
@@ -31,8 +31,9 @@ MAX_RANKS = 16  # the most ranks `plan` suggests
                    "set, about 3/4 of a Mac's RAM) [default: this machine's working set, or "
                    "$GPTOSS_MLX_WORKING_SET].")
 @max_context_option
+@dtype_option
 def plan_command(model_path: str, ranks: int, memory_per_rank: int | None,
-                 max_context: int | None) -> None:
+                 max_context: int | None, dtype: str) -> None:
     """Print the memory plan of each rank of MODEL split across --ranks machines and whether it
     fits --memory-per-rank (exit status 1 when it does not). Nothing is loaded."""
     from gptoss_mlx.memory import (
@@ -47,7 +48,7 @@ def plan_command(model_path: str, ranks: int, memory_per_rank: int | None,
     try:
         weights = open_weights(model_path)
         cfg, specs = weights.config, weights.specs()
-        plans = plan_per_rank(cfg, specs, ranks, max_context)
+        plans = plan_per_rank(cfg, specs, ranks, max_context, dtype=dtype)
     except ModelLoadError as e:
         raise click.ClickException(str(e)) from None
     except (OSError, ValueError) as e:  # ShardingError is a ValueError
@@ -64,9 +65,8 @@ def plan_command(model_path: str, ranks: int, memory_per_rank: int | None,
                    f"(largest rank {gb(max(p.total for p in plans))})")
         return
     worst = max(over, key=lambda p: p.total)
-    enough = next((n for n in range(ranks + 1, MAX_RANKS + 1) if _fits(cfg, specs, n,
-                                                                       max_context, budget)),
-                  None)
+    enough = next((n for n in range(ranks + 1, MAX_RANKS + 1)
+                   if _fits(cfg, specs, n, max_context, dtype, budget)), None)
     try:
         check_fits(worst, budget)
     except MemoryPlanError as e:
@@ -77,12 +77,13 @@ def plan_command(model_path: str, ranks: int, memory_per_rank: int | None,
 
 
 def _fits(cfg: ModelConfig, specs: list[TensorSpec], ranks: int, max_context: int | None,
-          budget: int) -> bool:
+          dtype: str, budget: int) -> bool:
     """Whether the model split across `ranks` fits `budget` on every rank (False when it does
     not split that way)."""
     from gptoss_mlx.memory import plan_per_rank
 
     try:
-        return all(p.total <= budget for p in plan_per_rank(cfg, specs, ranks, max_context))
+        return all(p.total <= budget
+                   for p in plan_per_rank(cfg, specs, ranks, max_context, dtype=dtype))
     except ValueError:
         return False

@@ -10,6 +10,7 @@ import click
 
 from gptoss_mlx.cli.options import (
     check_model,
+    dtype_option,
     join_ranks,
     load_checked_model,
     max_context_option,
@@ -40,23 +41,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slots: int,
-                       max_batch: int | None) -> BatchPlan:
+                       max_batch: int | None, dtype: str = "bfloat16") -> BatchPlan:
     """`--max-batch`, or its default from the memory plan (`gptoss_mlx.memory.plan_batch`:
-    one KV cache per sequence at the context, beside the weights and buffers, this rank's share
-    under `mlx.launch`, where the other ranks mirror the batch); one clear error when the
-    caches asked for do not fit."""
+    one KV cache per sequence at the context, beside the weights and buffers, in `dtype`, this
+    rank's share under `mlx.launch`, where the other ranks mirror the batch); one clear error
+    when the caches asked for do not fit."""
     from gptoss_mlx import distributed
     from gptoss_mlx.memory import MemoryPlanError, plan_batch, plan_memory, working_set_limit
 
     try:
-        return plan_batch(plan_memory(model_dir, max_context, shard=distributed.shard()),
-                          working_set_limit(), max_batch, kept=cache_slots)
+        plan = plan_memory(model_dir, max_context, dtype=dtype, shard=distributed.shard())
+        return plan_batch(plan, working_set_limit(), max_batch, kept=cache_slots)
     except MemoryPlanError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 @click.command("serve")
 @model_option
+@dtype_option
 @click.option("--host", default="127.0.0.1",
               help="Address to bind; the default serves this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port.")
@@ -87,7 +89,7 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
                    "schemas [default: every tool's].")
 @max_context_option
 @prompt_cache_options
-def serve_command(model_path: str, host: str, port: int, api_key: str | None,
+def serve_command(model_path: str, dtype: str, host: str, port: int, api_key: str | None,
                   model_id: str | None, cache_slots: int, max_batch: int | None,
                   max_queue: int, queue_timeout: float, max_body_size: int, log_level: str,
                   no_strict_tools: bool, max_context: int | None,
@@ -116,11 +118,11 @@ def serve_command(model_path: str, host: str, port: int, api_key: str | None,
         server_log = logging.getLogger(name)
         server_log.addHandler(handler)
         server_log.setLevel(log_level.upper())
-    model_dir = check_model(model_path, max_context)
-    batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch)
+    model_dir = check_model(model_path, max_context, dtype)
+    batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch, dtype)
     if not distributed.is_follower():
         click.echo(batch.summary(), err=True)
-    model, tokenizer = load_checked_model(model_dir)
+    model, tokenizer = load_checked_model(model_dir, dtype)
     assert sock is not None  # only rank 0 gets here
     model_id = model_id or default_model_id(model_path, model.config.num_hidden_layers)
     store = open_prompt_store(prompt_cache_dir, prompt_cache_bytes, model, tokenizer)
