@@ -60,9 +60,12 @@ def responses_tools(names: list[str]) -> list[dict[str, Any]]:
 def generated_ids(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     """The token ids each job generates, in the order the jobs first emit."""
     runs: dict[int, list[int]] = {}
+    jobs: list[Job] = []  # held, so that a later job cannot reuse a finished one's id
     emit = Job.emit
 
     def tap(job: Job, item: Any) -> None:
+        if id(job) not in runs:
+            jobs.append(job)
         ids = runs.setdefault(id(job), [])
         if isinstance(item, TokenEvent):
             ids.append(item.token)
