@@ -289,7 +289,7 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
     batch = BatchGenerator(leader, tokenizer, prefill_chunk=8)
     caches = [kept, PromptCache(leader), PromptCache(leader), PromptCache(leader)]
     sampling = SamplingParams(temperature=1, seed=3)  # tokens sampled on rank 0 only
-    joins = [(ids[:16], 7), (ids[3:14], 12), (ids[20:41], 5), (ids[:25], 9)]  # (prompt, tokens)
+    joins = [(ids[:16], 12), (ids[3:14], 16), (ids[20:41], 10), (ids[:25], 9)]  # (prompt, tokens)
     for i, (prompt, n) in enumerate(joins[:3]):
         batch.submit(prompt, cache=caches[i], sampling=sampling, max_tokens=n,
                      stop_tokens=frozenset())
@@ -306,7 +306,7 @@ def test_a_follower_replaying_rank_0s_messages_holds_the_same_kv_caches(
     gc.collect()
     leader.finish(0)
     rows = [m[distributed.BATCH] for m in sent if m[distributed.BATCHED]]
-    assert max(rows) == 3 and 2 in rows  # decode steps of 3 and 2 rows went to the followers
+    assert max(rows) >= 3 and 2 in rows  # decode steps of 2 and of 3+ rows went to the followers
 
     mirrors: dict[int, list] = {}
     assert distributed.follow(model, mirrors) == 0
