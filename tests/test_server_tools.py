@@ -25,7 +25,7 @@ from test_server import Server, run_server
 
 from gptoss_mlx.chat.harmony import SystemOptions
 from gptoss_mlx.generate import TokenEvent
-from gptoss_mlx.server.engine import Job
+from gptoss_mlx.server.engine import Engine, Job
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 FUNCTIONS = ["get_weather", "get_time", "search"]
@@ -58,24 +58,31 @@ def responses_tools(names: list[str]) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def generated_ids(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
-    """The token ids each job generates, in the order the jobs first emit."""
-    runs: dict[int, list[int]] = {}
-    jobs: list[Job] = []  # held, so that a later job cannot reuse a finished one's id
-    emit = Job.emit
+    """The token ids of each job submitted inside the block, in the order they were submitted.
+
+    Jobs are taken at `Engine.submit`, not at their first event: a previous test's streamed job
+    may still be ending (its `_END` comes after the client has read the last chunk)."""
+    runs: list[tuple[Job, list[int]]] = []  # holding the jobs keeps their ids unique
+    submit, emit = Engine.submit, Job.emit
+
+    def take(engine: Engine, *args: Any, **kwargs: Any) -> Job:
+        job = submit(engine, *args, **kwargs)
+        runs.append((job, []))
+        return job
 
     def tap(job: Job, item: Any) -> None:
-        if id(job) not in runs:
-            jobs.append(job)
-        ids = runs.setdefault(id(job), [])
         if isinstance(item, TokenEvent):
-            ids.append(item.token)
+            for mine, ids in runs:
+                if mine is job:
+                    ids.append(item.token)
         emit(job, item)
 
     ordered: list[list[int]] = []
     with monkeypatch.context() as m:
+        m.setattr(Engine, "submit", take)
         m.setattr(Job, "emit", tap)
         yield ordered
-    ordered += runs.values()
+    ordered += [ids for _, ids in runs]
 
 
 def harmony_call(server: Server, ids: list[int]) -> tuple[str, str]:
