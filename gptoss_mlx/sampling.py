@@ -67,9 +67,10 @@ def filtered_logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
         order = mx.argsort(-x, axis=-1)
         sorted_logprobs = mx.take_along_axis(x, order, axis=-1)
         sorted_probs = mx.softmax(sorted_logprobs, axis=-1)
-        # Keep a token when the mass strictly before it is still below top_p.
+        # Keep a token when the mass strictly before it is still below top_p; the most likely
+        # one always (a top_p below float32's smallest would otherwise keep none).
         before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = before < params.top_p
+        keep_sorted = (before < params.top_p) | (mx.arange(vocab) == 0)
         keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
         x = mx.where(keep, x, -mx.inf)
     x = x - mx.logsumexp(x, axis=-1, keepdims=True)

@@ -38,6 +38,8 @@ CASES = [
     SamplingParams(temperature=1.0, top_p=0.6),
     SamplingParams(temperature=0.8, min_p=0.1),
     SamplingParams(temperature=1.5, top_k=20, top_p=0.9, min_p=0.05),
+    SamplingParams(temperature=1.0, top_p=1e-9),  # below any probability: the top token stays
+    SamplingParams(temperature=1.0, top_p=5e-324),  # 0 in float32 (a fuzzer sent it)
 ]
 
 
