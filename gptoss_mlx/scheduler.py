@@ -173,8 +173,8 @@ class BatchGenerator:
             self._leave([generation])
 
     def step(self) -> list[tuple[Generation, Event]]:
-        """One prefill chunk, or the prompts prefilled last step joining, and one decode step;
-        the events they produced, in order."""
+        """Up to one prefill chunk's tokens of waiting prompts, or the prompts prefilled last
+        step joining, and one decode step; the events they produced, in order."""
         events: list[tuple[Generation, Event]] = []
         with mx.stream(STREAM):
             if self._joining:
@@ -190,32 +190,56 @@ class BatchGenerator:
         return events
 
     def _prefill_step(self, events: list[tuple[Generation, Event]]) -> None:
-        """Feed one chunk of the oldest waiting prompt; once it is all in, the generation's
-        first token is sampled and it joins the running ones (alone: now; else next step)."""
-        while self._waiting and self._waiting[0].limit <= 0:  # max_tokens=0: nothing to do
-            generation = self._waiting.popleft()
-            generation.stats.finish_reason = "length"
-            events.append((generation, Done([], [], generation.stats)))
-        if not self._waiting:
-            return
-        generation = self._waiting[0]
+        """Feed one chunk of the oldest waiting prompt, then each next prompt that fits whole in
+        what is left of `prefill_chunk` tokens (a burst of short prompts prefills in one step).
+        A prompt all in has its first token sampled and joins the running generations: now if
+        none ran when the step began, else next step."""
+        alone = not self._running
+        budget, oldest = self.prefill_chunk, True
+        while self._waiting:
+            generation = self._waiting[0]
+            if generation.limit <= 0:  # max_tokens=0: nothing to do
+                self._waiting.popleft()
+                generation.stats.finish_reason = "length"
+                events.append((generation, Done([], [], generation.stats)))
+                continue
+            unfed = self._unfed(generation)
+            if oldest:
+                oldest, budget = False, budget - min(unfed, budget)
+                if self._prefill_chunk(generation, events, alone):
+                    return
+            elif unfed <= budget:
+                budget -= unfed
+                while self._prefill_chunk(generation, events, alone):
+                    pass
+            else:
+                return
+
+    @staticmethod
+    def _unfed(generation: Generation) -> int:
+        return len(generation.prompt) - len(generation.cache)
+
+    def _prefill_chunk(self, generation: Generation, events: list[tuple[Generation, Event]],
+                       alone: bool) -> bool:
+        """Feed `generation`'s next prompt chunk; True while its prompt is not all in."""
         try:
             logits = next(generation.prefill)
             if generation.progress is not None:
                 generation.progress(len(generation.cache), len(generation.prompt))
-            if len(generation.cache) < len(generation.prompt):
-                return
+            if self._unfed(generation) > 0:
+                return True
             first = self._sample(generation, logits)
         except Exception as exc:  # the model or a processor failed: only this generation ends
-            self._waiting.popleft()
+            self._waiting.remove(generation)
             generation.cache.sync()
             events.append((generation, exc))
-            return
-        self._waiting.popleft()
+            return False
+        self._waiting.remove(generation)
         generation.prefill = None
         generation.pending = first
         mx.async_eval(first)
-        (self._joining if self._running else self._running).append(generation)
+        (self._running if alone else self._joining).append(generation)
+        return False
 
     def _sample(self, generation: Generation, logits: mx.array) -> mx.array:
         for processor in generation.processors:

@@ -183,6 +183,30 @@ def test_a_prompt_joins_the_step_after_its_last_chunk(loaded) -> None:
     ]
 
 
+def test_a_burst_of_short_prompts_prefills_in_one_step(loaded) -> None:
+    """After the oldest prompt's chunk, each next prompt that fits whole in the rest of the
+    chunk's tokens is fed in the same step: with nothing running they all decode at once, else
+    they join together the next step; one that does not fit waits for the next chunk step."""
+    model, tok = loaded
+    batch = BatchGenerator(model, tok, prefill_chunk=CHUNK)
+    kw = dict(sampling=GREEDY, max_tokens=40, stop_tokens=NO_STOPS)
+    a, b, c = (batch.submit(prompt_of(n, 20 + n), **kw) for n in (10, 12, CHUNK - 22))
+    model.shapes.clear()
+    assert [g for g, _ in batch.step()] == [a, b, c]
+    assert model.shapes == [(1, 10), (1, 12), (1, CHUNK - 22), (3, 1)]
+    d, e, f = (batch.submit(prompt_of(n, 30 + n), **kw) for n in (CHUNK - 12, 12, 1))
+    steps = []
+    for _ in range(3):
+        model.shapes.clear()
+        emitted = [g for g, _ in batch.step()]
+        steps.append((list(model.shapes), emitted))
+    assert steps == [
+        ([(1, CHUNK - 12), (1, 12), (3, 1)], [a, b, c]),  # f does not fit: the chunk is full
+        ([(5, 1)], [a, b, c, d, e]),  # d and e join together
+        ([(1, 1), (5, 1)], [a, b, c, d, e]),
+    ]
+
+
 def test_cancel_frees_the_row_and_the_others_go_on(loaded) -> None:
     model, tok = loaded
     prompts = [prompt_of(n, 10 + n) for n in (12, 40, 25)]
