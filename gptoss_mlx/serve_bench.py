@@ -9,6 +9,8 @@ servers: a stream's `usage.completion_tokens` (`stream_options.include_usage`), 
 
 - aggregate tokens/s: all streams' tokens over the wall time from the first request to the last
   stream's end;
+- decoding tokens/s: all streams' tokens after their first over the time from the first token
+  to the last (the aggregate while they decode, without the prompts' prefill before it);
 - per-stream tokens/s: a stream's tokens after its first over the time they took (median);
 - time to first token: from sending a request to its first chunk with text (p50, p99).
 
@@ -224,6 +226,20 @@ class Level:
                                for r in self.rounds if r) if any(self.rounds) else math.nan
 
     @property
+    def decode_aggregate_tps(self) -> float:
+        """Mean over rounds of all tokens after each stream's first over the time from the
+        round's first token to its last: the aggregate while decoding, the prompts' prefill
+        before the first token left out (time to first token measures that)."""
+        rates = []
+        for r in self.rounds:
+            timed = [s for s in r if s.chunks]
+            span = (max(s.chunks[-1] for s in timed) - min(s.chunks[0] for s in timed)
+                    if timed else 0.0)
+            if span > 0:
+                rates.append(sum(s.tokens - 1 for s in timed) / span)
+        return statistics.mean(rates) if rates else math.nan
+
+    @property
     def stream_tps(self) -> float:
         return statistics.median(s.decode_tps for s in self.streams) if self.streams else math.nan
 
@@ -232,7 +248,8 @@ class Level:
 
     def summary(self) -> dict[str, float]:
         return {"clients": self.concurrency, "aggregate_tps": self.aggregate_tps,
-                "stream_tps": self.stream_tps, "ttft_p50": self.ttft(50),
+                "decode_aggregate_tps": self.decode_aggregate_tps, "stream_tps": self.stream_tps,
+                "ttft_p50": self.ttft(50),
                 "ttft_p99": self.ttft(99), "tokens": sum(s.tokens for s in self.streams),
                 "chunks": sum(len(s.chunks) for s in self.streams), "streams": len(self.streams),
                 "failed": len(self.errors)}
@@ -423,27 +440,33 @@ def format_run(run: ServerRun) -> str:
     """A markdown table of one server's levels."""
     from gptoss_mlx.bench import markdown_table
 
-    rows = [[run.server, str(lv.concurrency), f"{lv.aggregate_tps:.1f}", f"{lv.stream_tps:.1f}",
+    rows = [[run.server, str(lv.concurrency), f"{lv.aggregate_tps:.1f}",
+             f"{lv.decode_aggregate_tps:.1f}", f"{lv.stream_tps:.1f}",
              f"{1000 * lv.ttft(50):.0f}", f"{1000 * lv.ttft(99):.0f}", str(len(lv.errors))]
             for lv in run.levels]
-    return markdown_table(["server", "clients", "aggregate t/s", "per-stream t/s",
-                           "TTFT p50 ms", "TTFT p99 ms", "failed"], rows, right={1, 2, 3, 4, 5, 6})
+    return markdown_table(["server", "clients", "aggregate t/s", "decoding t/s", "per-stream t/s",
+                           "TTFT p50 ms", "TTFT p99 ms", "failed"], rows, right=set(range(1, 8)))
 
 
 def format_ratios(a: ServerRun, b: ServerRun) -> str:
     """Per concurrency, `a / b`: speeds (above 1: a faster) and TTFTs (below 1: a sooner); and
-    each server's aggregate over its one-client aggregate."""
+    each server's aggregate and decoding aggregate over its first level's (one client's)."""
     from gptoss_mlx.bench import markdown_table
 
-    base_a, base_b = a.levels[0].aggregate_tps, b.levels[0].aggregate_tps
+    def scaling(run: ServerRun, level: Level) -> str:
+        first = run.levels[0]
+        return (f"{level.aggregate_tps / first.aggregate_tps:.2f}x / "
+                f"{level.decode_aggregate_tps / first.decode_aggregate_tps:.2f}x")
+
     rows = [[str(x.concurrency), f"{x.aggregate_tps / y.aggregate_tps:.2f}x",
+             f"{x.decode_aggregate_tps / y.decode_aggregate_tps:.2f}x",
              f"{x.stream_tps / y.stream_tps:.2f}x", f"{x.ttft(50) / y.ttft(50):.2f}x",
-             f"{x.ttft(99) / y.ttft(99):.2f}x", f"{x.aggregate_tps / base_a:.2f}x",
-             f"{y.aggregate_tps / base_b:.2f}x"]
+             f"{x.ttft(99) / y.ttft(99):.2f}x", scaling(a, x), scaling(b, y)]
             for x, y in zip(a.levels, b.levels, strict=True)]
     return markdown_table(
-        ["clients", "aggregate", "per-stream", "TTFT p50", "TTFT p99",
-         f"{a.server} scaling", f"{b.server} scaling"], rows, right=set(range(7)))
+        ["clients", "aggregate", "decoding", "per-stream", "TTFT p50", "TTFT p99",
+         f"{a.server} scaling (aggregate / decoding)", f"{b.server} scaling"], rows,
+        right=set(range(8)))
 
 
 def line_model(src: str | Path, dst: str | Path, seed: int = 0) -> Path:

@@ -19,7 +19,14 @@ from gptoss_mlx.bench import cpu_blas
 from gptoss_mlx.cli import main
 from gptoss_mlx.generate import TokenEvent, stream
 from gptoss_mlx.sampling import SamplingParams
-from gptoss_mlx.serve_bench import LINE_TOKENS, line_model, percentile, prompt_text
+from gptoss_mlx.serve_bench import (
+    LINE_TOKENS,
+    Level,
+    Stream,
+    line_model,
+    percentile,
+    prompt_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,16 @@ def test_percentile_is_numpys_linear() -> None:
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
+def test_decoding_aggregate_leaves_out_the_time_before_the_first_token() -> None:
+    """Two streams sent at 0 s: 3 tokens at 1.0, 1.5, 2.0 s and 2 tokens at 1.2, 3.0 s: 5
+    tokens in 3 s in all, 3 of them after a first token in the 2 s from 1.0 to 3.0."""
+    a = Stream(sent=0.0, chunks=[1.0, 1.5, 2.0], end=2.1)
+    b = Stream(sent=0.0, chunks=[1.2, 3.0], end=3.0)
+    level = Level(2, rounds=[[a, b]])
+    assert level.aggregate_tps == pytest.approx(5 / 3)
+    assert level.decode_aggregate_tps == pytest.approx(3 / 2)
+
+
 def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     result = CliRunner().invoke(main, [
@@ -91,6 +108,8 @@ def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> Non
             assert lv["failed"] == 0
             assert lv["tokens"] == lv["chunks"] == 4 * lv["clients"]
             assert lv["aggregate_tps"] > 0 and lv["stream_tps"] > 0
+            # decoding leaves out the time before the first token, and one token per stream
+            assert lv["decode_aggregate_tps"] > 0
             assert 0 < lv["ttft_p50"] <= lv["ttft_p99"]
         lp = run["long_prompt"]
         assert lp["prompt_tokens"] > 200  # the server's count of the long prompt
@@ -100,6 +119,11 @@ def test_serve_bench_against_both_servers(line_dir: Path, tmp_path: Path) -> Non
     assert [row[:2] for row in theirs[1:]] == [["mlx_lm.server", "1"], ["mlx_lm.server", "2"]]
     for row, a, b in zip(ratio[1:], runs[0]["levels"], runs[1]["levels"], strict=True):
         assert row[1] == f"{a['aggregate_tps'] / b['aggregate_tps']:.2f}x"
+        assert row[2] == f"{a['decode_aggregate_tps'] / b['decode_aggregate_tps']:.2f}x"
+    for row, a in zip(ratio[1:], runs[0]["levels"], strict=True):
+        first = runs[0]["levels"][0]
+        assert row[6] == (f"{a['aggregate_tps'] / first['aggregate_tps']:.2f}x / "
+                          f"{a['decode_aggregate_tps'] / first['decode_aggregate_tps']:.2f}x")
     assert result.stdout.count("prompt arriving while 4 streams decode") == 2
 
 
