@@ -58,9 +58,12 @@ def load_checked(path: str | Path, dtype: str = "bfloat16") -> tuple[Any, Tokeni
     model wrapped as the leader (`gptoss_mlx.distributed`), the other ranks follow it here
     until it ends, then exit."""
     from gptoss_mlx import distributed, load
+    from gptoss_mlx.model.weights import ModelLoadError
 
     try:
         model, tokenizer = load(path, dtype=dtype, group=distributed.group())
+    except ModelLoadError as e:  # its message names the folder already
+        raise LoadError(str(e)) from None
     except (ValueError, OSError, KeyError) as e:
         raise LoadError(f"cannot load {path}: {e}") from None
     if tokenizer is None:

@@ -67,6 +67,19 @@ def test_corrupt_expert_scales_are_refused_at_load(tiny_model_dir: Path, tmp_pat
     assert needle in message and "corrupt" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_refused_weights_are_one_line_naming_the_folder_once(tiny_model_dir: Path,
+                                                            tmp_path: Path, command: str) -> None:
+    folder = edited_copy(tiny_model_dir, tmp_path / "bad", set_all_scales_ff)
+    args = ["-p", "hello"] if command == "generate" else ["-p", "8", "-n", "4", "-d", ""]
+    proc = subprocess.run([sys.executable, "-m", "gptoss_mlx", command, "-m", str(folder), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert line.startswith(f"Error: {folder}: model.layers.") and line.count(str(folder)) == 1
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("byte,ok", [(MAX_EXPERT_SCALE, True), (MAX_EXPERT_SCALE + 1, False)])
 def test_the_scale_bound_is_exact(tiny_model_dir: Path, tmp_path: Path, byte: int,
                                   ok: bool) -> None:

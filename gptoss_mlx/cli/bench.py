@@ -117,6 +117,8 @@ def bench_command(source: str, dtype: str, n_prompt: list[int], n_gen: list[int]
             bench.OurRuntime(model, tokenizer, f"gptoss-mlx {name}", experts=name)
             for name in backends
         ]
+    except ModelLoadError as e:  # its message names the folder already
+        raise click.ClickException(str(e)) from None
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(f"cannot load {model_path}: {e}") from None
     if tokenizer is None:
