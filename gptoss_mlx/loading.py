@@ -19,11 +19,11 @@ class LoadError(RuntimeError):
 
 
 def check_model(model_path: str | Path, max_context: int | None = None,
-                dtype: str = "bfloat16") -> Path:
+                dtype: str = "bfloat16", prefill_chunk: int | None = None) -> Path:
     """The local folder of a model (a converted folder, a released checkpoint folder, or a
     Hugging Face repo id, downloaded once into the hub cache), after checking that it holds a
-    vocabulary and that its memory plan at `max_context` in `dtype` fits (setting Metal's wired
-    limit)."""
+    vocabulary and that its memory plan at `max_context` in `dtype`, prefilling `prefill_chunk`
+    tokens at a time (None: the default), fits (setting Metal's wired limit)."""
     from gptoss_mlx import distributed
     from gptoss_mlx.chat.tokenizer import TOKENIZER_JSON, VOCAB_FILENAME
     from gptoss_mlx.memory import MemoryPlanError, ensure_fits
@@ -42,7 +42,8 @@ def check_model(model_path: str | Path, max_context: int | None = None,
         )
     try:
         # each rank on its machine
-        ensure_fits(path, max_context, dtype=dtype, shard=distributed.shard())
+        ensure_fits(path, max_context, dtype=dtype, shard=distributed.shard(),
+                    prefill_chunk=prefill_chunk)
     except MemoryPlanError as e:
         raise LoadError(str(e)) from None
     except (OSError, ValueError) as e:

@@ -433,10 +433,12 @@ def set_wired_limit(plan: MemoryPlan, working_set: int | None = None) -> int | N
 def ensure_fits(
     model_dir: str | Path, max_context: int | None = None, *, dtype: str = "bfloat16",
     working_set: int | None = None, shard: Shard | None = None,
+    prefill_chunk: int | None = None,
 ) -> MemoryPlan:
     """Plan, check (raising MemoryPlanError) and set the wired limit: call before loading
     (with `shard`, for this rank's share of a split model)."""
-    plan = plan_memory(model_dir, max_context, dtype=dtype, shard=shard)
+    plan = plan_memory(model_dir, max_context, dtype=dtype, shard=shard,
+                       prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK)
     check_fits(plan, working_set)
     set_wired_limit(plan, working_set)
     return plan

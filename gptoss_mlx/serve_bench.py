@@ -62,11 +62,14 @@ class Server:
     dtype: str
 
 
-def ours(folder: str | Path, max_concurrent: int, dtype: str = "bfloat16") -> Server:
-    """`gptoss-mlx serve` in `dtype` with room for `max_concurrent` generations at once."""
+def ours(folder: str | Path, max_concurrent: int, prefill_chunk: int,
+         dtype: str = "bfloat16") -> Server:
+    """`gptoss-mlx serve` in `dtype` with room for `max_concurrent` generations at once,
+    prefilling `prefill_chunk` tokens per step."""
     return Server("gptoss-mlx", (sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(folder),
                                  "--port", "{port}", "--log-level", "warning", "--dtype", dtype,
-                                 "--max-batch", str(max_concurrent)), "bench", dtype)
+                                 "--max-batch", str(max_concurrent),
+                                 "--prefill-chunk", str(prefill_chunk)), "bench", dtype)
 
 
 def mlx_lm(folder: str | Path, max_concurrent: int, prefill_step: int) -> Server:

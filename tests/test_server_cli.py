@@ -216,3 +216,25 @@ def test_max_batch_is_planned_against_memory(tiny_model_dir: Path,
         assert proc.returncode == 1
         assert proc.stderr.startswith("Error: 4 KV caches (a batch of 4, 2 kept")
         assert proc.stderr.count("\n") == 1 and "fits: --max-batch 3" in proc.stderr
+
+
+def test_prefill_chunk_is_planned_against_memory(tiny_model_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prefill-chunk's activations count in the plan: a budget with room for the default
+    chunk's buffers and three KV caches holds none at a 4096-token chunk, and serve refuses it
+    in one line before loading."""
+    from gptoss_mlx.cli.serve import plan_serving_batch
+    from gptoss_mlx.memory import plan_memory
+
+    plan = plan_memory(tiny_model_dir, 4096)
+    room_for_three = plan.weights_total + plan.buffers_total + 3 * plan.kv_cache + 1000
+    assert plan_memory(tiny_model_dir, 4096, prefill_chunk=4096).buffers_total > room_for_three
+    monkeypatch.setenv("GPTOSS_MLX_WORKING_SET", str(room_for_three))
+    assert plan_serving_batch(str(tiny_model_dir), 4096, 2, None).batch == 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_mlx", "serve", "-m", str(tiny_model_dir),
+         "--max-context", "4096", "--port", str(free_port()), "--prefill-chunk", "4096"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: The model needs about") and "buffers" in proc.stderr
+    assert proc.stderr.count("\n") == 1

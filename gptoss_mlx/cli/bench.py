@@ -55,9 +55,9 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
               help="--serve: words (one token each) of the prompt that arrives while 4 "
                    "streams decode; 0 skips that probe.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
-              help="--serve: the prefill chunk (gptoss-mlx serve's is 512) whose time at the "
-                   "long prompt's full depth bounds the streams' delay (also mlx_lm.server's "
-                   "--prefill-step-size).")
+              help="--serve: both servers' prefill chunk (gptoss-mlx serve's --prefill-chunk, "
+                   "mlx_lm.server's --prefill-step-size), whose time at the long prompt's full "
+                   "depth bounds the streams' delay.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               default=None, help="--serve: also write the results to this JSON file.")
 @click.option("--schema-tokens", type=click.IntRange(min=0), default=128, show_default=True,
@@ -174,7 +174,7 @@ def serve_bench(model_path: Path, dtype: str, clients: list[int], rounds: int,
     from gptoss_mlx.bench import cpu_blas
 
     room = max(*clients, sb.LONG_PROMPT_STREAMS + 1 if long_words else 1)  # generations at once
-    servers = [sb.ours(model_path, room, dtype)]
+    servers = [sb.ours(model_path, room, chunk_tokens, dtype)]
     if compare:
         servers.append(sb.mlx_lm(model_path, room, chunk_tokens))
     blas = cpu_blas()  # the servers inherit this process's environment (LD_PRELOAD)

@@ -149,7 +149,7 @@ def _one_line() -> Iterator[None]:
 
 
 def check_model(model_path: str, max_context: int | None = None,
-                dtype: str = "bfloat16") -> Path:
+                dtype: str = "bfloat16", prefill_chunk: int | None = None) -> Path:
     """`gptoss_mlx.loading.check_model` (the local folder, its memory plan at `dtype` checked),
     its errors as one-line click errors. Under `mlx.launch` the ranks join first and rank 0
     prints each rank's plan."""
@@ -157,7 +157,7 @@ def check_model(model_path: str, max_context: int | None = None,
 
     ranks = join_ranks()
     with _one_line():
-        path = loading.check_model(model_path, max_context, dtype)
+        path = loading.check_model(model_path, max_context, dtype, prefill_chunk)
     if ranks > 1 and not distributed.is_follower():
         print_rank_plans(path, ranks, max_context, dtype)
     return path

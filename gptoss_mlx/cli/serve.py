@@ -17,6 +17,7 @@ from gptoss_mlx.cli.options import (
     model_option,
 )
 from gptoss_mlx.cli.prompt_cache import open_prompt_store, prompt_cache_options, size_value
+from gptoss_mlx.generate import DEFAULT_PREFILL_CHUNK
 from gptoss_mlx.memory import MAX_BATCH
 
 if TYPE_CHECKING:
@@ -41,16 +42,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slots: int,
-                       max_batch: int | None, dtype: str = "bfloat16") -> BatchPlan:
+                       max_batch: int | None, dtype: str = "bfloat16",
+                       prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> BatchPlan:
     """`--max-batch`, or its default from the memory plan (`gptoss_mlx.memory.plan_batch`:
-    one KV cache per sequence at the context, beside the weights and buffers, in `dtype`, this
-    rank's share under `mlx.launch`, where the other ranks mirror the batch); one clear error
-    when the caches asked for do not fit."""
+    one KV cache per sequence at the context, beside the weights and the buffers of a
+    `prefill_chunk`-token prefill, in `dtype`, this rank's share under `mlx.launch`, where the
+    other ranks mirror the batch); one clear error when the caches asked for do not fit."""
     from gptoss_mlx import distributed
     from gptoss_mlx.memory import MemoryPlanError, plan_batch, plan_memory, working_set_limit
 
     try:
-        plan = plan_memory(model_dir, max_context, dtype=dtype, shard=distributed.shard())
+        plan = plan_memory(model_dir, max_context, dtype=dtype, shard=distributed.shard(),
+                           prefill_chunk=prefill_chunk)
         return plan_batch(plan, working_set_limit(), max_batch, kept=cache_slots)
     except MemoryPlanError as exc:
         raise click.ClickException(str(exc)) from None
@@ -76,6 +79,11 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
               help="Sequences generating at once, each with its own KV cache at --max-context "
                    "(--max-concurrent is its former name) [default: as many KV caches as fit "
                    f"the memory plan beside the weights, at most {MAX_BATCH}].")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=DEFAULT_PREFILL_CHUNK,
+              show_default=True,
+              help="Prompt tokens prefilled per step between decode steps: larger prefills long "
+                   "prompts faster, smaller delays the running streams less (each step waits "
+                   "for at most one chunk); the memory plan counts its activations.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests waiting for a generation slot; more get a 429 with Retry-After.")
 @click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
@@ -91,8 +99,9 @@ def plan_serving_batch(model_dir: str | Path, max_context: int | None, cache_slo
 @prompt_cache_options
 def serve_command(model_path: str, dtype: str, host: str, port: int, api_key: str | None,
                   model_id: str | None, cache_slots: int, max_batch: int | None,
-                  max_queue: int, queue_timeout: float, max_body_size: int, log_level: str,
-                  no_strict_tools: bool, max_context: int | None,
+                  prefill_chunk: int, max_queue: int, queue_timeout: float,
+                  max_body_size: int, log_level: str, no_strict_tools: bool,
+                  max_context: int | None,
                   prompt_cache_dir: Path | None, prompt_cache_bytes: int) -> None:
     """Serve a model over an OpenAI-compatible HTTP API for coding assistants.
 
@@ -118,8 +127,9 @@ def serve_command(model_path: str, dtype: str, host: str, port: int, api_key: st
         server_log = logging.getLogger(name)
         server_log.addHandler(handler)
         server_log.setLevel(log_level.upper())
-    model_dir = check_model(model_path, max_context, dtype)
-    batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch, dtype)
+    model_dir = check_model(model_path, max_context, dtype, prefill_chunk)
+    batch = plan_serving_batch(model_dir, max_context, cache_slots, max_batch, dtype,
+                               prefill_chunk)
     if not distributed.is_follower():
         click.echo(batch.summary(), err=True)
     model, tokenizer = load_checked_model(model_dir, dtype)
@@ -128,7 +138,7 @@ def serve_command(model_path: str, dtype: str, host: str, port: int, api_key: st
     store = open_prompt_store(prompt_cache_dir, prompt_cache_bytes, model, tokenizer)
     engine = Engine(model, tokenizer, cache_slots=cache_slots, max_batch=batch.batch,
                     max_queue=max_queue, queue_timeout=queue_timeout, max_context=max_context,
-                    prompt_store=store)
+                    prefill_chunk=prefill_chunk, prompt_store=store)
     app = create_app(engine, model_id, api_key, max_body_bytes=max_body_size,
                      strict_tools=not no_strict_tools)
     config = uvicorn.Config(app, log_level=log_level,
