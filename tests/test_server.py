@@ -566,8 +566,10 @@ def test_client_killed_mid_generation_cancels_it(server: Server, stream: bool) -
         sock, _ = _open(server, {"messages": [{"role": "user", "content": "Go on forever"}],
                                  "stream": stream, "max_tokens": 100000},
                         until=b"data:" if stream else b"")
-        if not stream:
-            time.sleep(1.0)
+        deadline = time.monotonic() + 30  # the role chunk goes out before the worker starts
+        while not model.fed:
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.01)
         _kill(sock)
         calls = _wait_until_idle(model)
         assert 0 < calls < 1000  # the request allowed 100000 tokens
