@@ -66,14 +66,14 @@ def test_a_batch_of_prompts_on_two_ranks_gives_the_single_process_results(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """`generate --prompts`: prompts of different lengths decode together; the output file is
-    the single process's, byte for byte."""
+    the single process's, byte for byte (in float32, as the test above)."""
     lines = [{"messages": [{"role": "user", "content": text}], "max_tokens": n}
              for text, n in [("Hi.", 9), ("Name the longest rivers of Europe and Asia.", 14),
                              ("Why is the sky blue?", 6), ("Count to ten, slowly.", 12)]]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     args = ("generate", "-m", str(tiny_model_dir), "--prompts", str(prompts), "--temperature",
-            "0")
+            "0", "--dtype", "float32")
     single = subprocess.run([sys.executable, *GPTOSS, *args, "--output", str(tmp_path / "1")],
                             capture_output=True, text=True, timeout=120, env=ENV)
     assert single.returncode == 0, single.stderr
