@@ -44,7 +44,7 @@ from gptoss_mlx.model.weights import open_weights
 
 WORKING_SET_ENV = "GPTOSS_MLX_WORKING_SET"
 MAX_BATCH = 16  # sequences a server runs at once by default, however many more would fit
-_FLOAT_CODES = {"BF16", "F16", "F32"}
+FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors codes
 DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}  # the loader's dtypes, bytes each
 
 # Parts of the model, by tensor name (mlx-lm's gpt_oss names, which our folders use).
@@ -80,7 +80,7 @@ def loaded_nbytes(spec: TensorSpec, dtype: str = "bfloat16") -> int:
     """Bytes a tensor takes once loaded: floating tensors become `dtype` (the loader's
     `set_dtype` converts affine quantization scales and biases too), packed integers and E8M0
     scales stay as stored."""
-    if spec.dtype in _FLOAT_CODES:
+    if spec.dtype in FLOAT_DTYPES:
         return math.prod(spec.shape) * DTYPE_SIZES[dtype]
     return spec.nbytes
 

@@ -8,15 +8,15 @@
             ...                                 # exception: that generation failed)
     batch.cancel(a)                             # leaves at once, its cache consistent
 
-A step prefills one chunk (`prefill_chunk` tokens) of the oldest generation still waiting (first
-come, first served), then runs one decode forward for every running generation: tokens [B, 1]
-over a `BatchCache`, which keeps each row's own offsets, positions, windows and masks. So a long
-prompt delays the running streams by one chunk per step. A generation whose prompt is in samples
-its first token from the prompt's last logits and joins: at once when none runs, else at the next
-step, which prefills nothing (its caches join the batch, which may grow to its length, and its
-first decode runs there), so no step carries both a chunk and the batch growing. A finished or
-cancelled one leaves at once, its caches going back to its `PromptCache` (whose `tokens` stay
-those the caches hold).
+A step prefills up to `prefill_chunk` prompt tokens: one chunk of the oldest generation still
+waiting (first come, first served), then each next prompt that fits whole in the rest. Then it
+runs one decode forward for every running generation: tokens [B, 1] over a `BatchCache`, which
+keeps each row's own offsets, positions, windows and masks. So a long prompt delays the running
+streams by one chunk per step. A generation whose prompt is in samples its first token from the
+prompt's last logits and joins: at once when none runs, else at the next step, which prefills
+nothing (its caches join the batch, which may grow to its length, and its first decode runs
+there), so no step carries both a chunk and the batch growing. A finished or cancelled one leaves
+at once, its caches going back to its `PromptCache` (whose `tokens` stay those the caches hold).
 A generation running alone decodes on its own caches; once a second joins, the running ones
 move into a `BatchCache`, which serves until it empties.
 
@@ -166,11 +166,13 @@ class BatchGenerator:
 
     def cancel(self, generation: Generation) -> None:
         """End `generation` now, without further events (nothing happens if it is over)."""
-        if generation in self._waiting or generation in self._joining:
-            (self._waiting if generation in self._waiting else self._joining).remove(generation)
-            generation.cache.sync()
-        elif generation in self._running:
+        if generation in self._running:
             self._leave([generation])
+            return
+        for queue in (self._waiting, self._joining):
+            if generation in queue:
+                queue.remove(generation)
+                generation.cache.sync()
 
     def step(self) -> list[tuple[Generation, Event]]:
         """Up to one prefill chunk's tokens of waiting prompts, or the prompts prefilled last
@@ -221,7 +223,8 @@ class BatchGenerator:
 
     def _prefill_chunk(self, generation: Generation, events: list[tuple[Generation, Event]],
                        alone: bool) -> bool:
-        """Feed `generation`'s next prompt chunk; True while its prompt is not all in."""
+        """Feed the next prompt chunk of `generation`, the oldest waiting; True while its
+        prompt is not all in."""
         try:
             logits = next(generation.prefill)
             if generation.progress is not None:
@@ -230,11 +233,11 @@ class BatchGenerator:
                 return True
             first = self._sample(generation, logits)
         except Exception as exc:  # the model or a processor failed: only this generation ends
-            self._waiting.remove(generation)
+            self._waiting.popleft()
             generation.cache.sync()
             events.append((generation, exc))
             return False
-        self._waiting.remove(generation)
+        self._waiting.popleft()
         generation.prefill = None
         generation.pending = first
         mx.async_eval(first)

@@ -48,7 +48,6 @@ from typing import Any
 HOST = "127.0.0.1"
 LINE_TOKENS = (558, 412)  # ".\n" and ",\n" in o200k
 LONG_PROMPT_STREAMS = 4  # streams decoding when the long prompt arrives
-FLOAT_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors codes
 
 
 @dataclass(frozen=True)
@@ -75,14 +74,15 @@ def ours(folder: str | Path, max_concurrent: int, prefill_chunk: int,
 def mlx_lm(folder: str | Path, max_concurrent: int, prefill_step: int) -> Server:
     """`mlx_lm.server` with continuous batching of up to `max_concurrent` streams, prefilling
     `prefill_step` tokens at a time, in the folder's dtype (it has no dtype option)."""
+    from gptoss_mlx.memory import FLOAT_DTYPES
     from gptoss_mlx.model.weights import open_weights
 
-    floats = sorted({s.dtype for s in open_weights(folder).specs()} & FLOAT_NAMES.keys())
+    floats = sorted({s.dtype for s in open_weights(folder).specs()} & FLOAT_DTYPES.keys())
     return Server("mlx_lm.server", (
         sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", "{port}",
         "--log-level", "WARNING", "--decode-concurrency", str(max_concurrent),
         "--prefill-step-size", str(prefill_step)), "default_model",
-        "/".join(FLOAT_NAMES[f] for f in floats) + " (the folder's)")
+        "/".join(FLOAT_DTYPES[f] for f in floats) + " (the folder's)")
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from gptoss_mlx.cli.options import dtype_option
+from gptoss_mlx.generate import DEFAULT_PREFILL_CHUNK
 
 
 def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -54,7 +55,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
 @click.option("--long-prompt", type=click.IntRange(min=0), default=4000, show_default=True,
               help="--serve: words (one token each) of the prompt that arrives while 4 "
                    "streams decode; 0 skips that probe.")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=DEFAULT_PREFILL_CHUNK,
+              show_default=True,
               help="--serve: both servers' prefill chunk (gptoss-mlx serve's --prefill-chunk, "
                    "mlx_lm.server's --prefill-step-size), whose time at the long prompt's full "
                    "depth bounds the streams' delay.")
